@@ -1,0 +1,1 @@
+//! The trireme command-line client: noun-verb commands over the REST API

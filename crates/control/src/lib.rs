@@ -1,0 +1,1 @@
+//! The control plane: registry, reconcilers, scheduler, REST API with OpenAPI, engine registration

@@ -1,0 +1,270 @@
+//! A typed client for the REST API, shared by the CLI, the CSI driver and the tests.
+
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use trireme_types::ByteSize;
+
+use crate::model::*;
+use crate::problem::Problem;
+
+/// Why a call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Control answered with an error.
+    #[error("{0}")]
+    Api(Problem),
+    #[error("cannot reach the Trireme API at {url}: {source}")]
+    Unreachable {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("unexpected answer from {url} (HTTP {status}): {detail}")]
+    Decode { url: String, status: u16, detail: String },
+    #[error("invalid API address {0:?}: expected a URL like http://127.0.0.1:7480 or host:port")]
+    InvalidAddress(String),
+}
+
+impl ClientError {
+    /// The HTTP status of an API error, if it was one.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Self::Api(p) => Some(p.status),
+            _ => None,
+        }
+    }
+
+    pub fn is_not_found(&self) -> bool {
+        self.status() == Some(404)
+    }
+}
+
+/// A REST client. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Client {
+    base: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+impl Client {
+    /// `address` is a URL (`http://host:port`) or `host:port`.
+    pub fn new(address: &str, token: Option<String>) -> Result<Self, ClientError> {
+        let address = address.trim().trim_end_matches('/');
+        let base = if address.contains("://") {
+            address.to_owned()
+        } else {
+            format!("http://{address}")
+        };
+        if !(base.starts_with("http://") || base.starts_with("https://")) || base.len() < 10 {
+            return Err(ClientError::InvalidAddress(address.to_owned()));
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            // Publish waits for the nexus to come up on its node; everything else is quick.
+            .timeout(Duration::from_secs(120))
+            .build()
+            .map_err(|source| ClientError::Unreachable { url: base.clone(), source })?;
+        Ok(Self { base, token, http })
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    async fn call<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T, ClientError> {
+        let url = format!("{}{}", self.base, path);
+        let mut req = self.http.request(method, &url);
+        if let Some(token) = &self.token {
+            req = req.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            req = req.json(body);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|source| ClientError::Unreachable { url: url.clone(), source })?;
+        let status = resp.status();
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|source| ClientError::Unreachable { url: url.clone(), source })?;
+        if !status.is_success() {
+            return Err(match serde_json::from_slice::<Problem>(&bytes) {
+                Ok(p) => ClientError::Api(p),
+                Err(_) => ClientError::Api(Problem {
+                    kind: "about:blank".into(),
+                    title: status.canonical_reason().unwrap_or("error").into(),
+                    status: status.as_u16(),
+                    detail: format!(
+                        "HTTP {} from {url}: {}",
+                        status.as_u16(),
+                        String::from_utf8_lossy(&bytes).chars().take(200).collect::<String>()
+                    ),
+                    instance: None,
+                }),
+            });
+        }
+        let bytes = if status == StatusCode::NO_CONTENT || bytes.is_empty() {
+            b"null".as_slice().into()
+        } else {
+            bytes
+        };
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode {
+            url,
+            status: status.as_u16(),
+            detail: e.to_string(),
+        })
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.call::<(), T>(Method::GET, path, None).await
+    }
+
+    pub async fn health(&self) -> Result<Health, ClientError> {
+        self.get("/healthz").await
+    }
+
+    pub async fn ready(&self) -> Result<Health, ClientError> {
+        self.get("/readyz").await
+    }
+
+    // ------------------------------------------------------------ nodes
+
+    pub async fn nodes(&self) -> Result<Vec<Node>, ClientError> {
+        self.get("/v1/nodes").await
+    }
+
+    pub async fn node(&self, id: &str) -> Result<Node, ClientError> {
+        self.get(&format!("/v1/nodes/{}", seg(id))).await
+    }
+
+    // ------------------------------------------------------------ pools
+
+    pub async fn pools(&self) -> Result<Vec<Pool>, ClientError> {
+        self.get("/v1/pools").await
+    }
+
+    pub async fn pool(&self, id: &str) -> Result<Pool, ClientError> {
+        self.get(&format!("/v1/pools/{}", seg(id))).await
+    }
+
+    pub async fn create_pool(&self, body: &CreatePoolBody) -> Result<Pool, ClientError> {
+        self.call(Method::POST, "/v1/pools", Some(body)).await
+    }
+
+    pub async fn delete_pool(&self, id: &str) -> Result<(), ClientError> {
+        self.call::<(), ()>(Method::DELETE, &format!("/v1/pools/{}", seg(id)), None).await
+    }
+
+    // ------------------------------------------------------------ volumes
+
+    pub async fn volumes(&self) -> Result<Vec<Volume>, ClientError> {
+        self.get("/v1/volumes").await
+    }
+
+    /// `id` is the volume's UUID or its name.
+    pub async fn volume(&self, id: &str) -> Result<Volume, ClientError> {
+        self.get(&format!("/v1/volumes/{}", seg(id))).await
+    }
+
+    pub async fn create_volume(&self, body: &CreateVolumeBody) -> Result<Volume, ClientError> {
+        self.call(Method::POST, "/v1/volumes", Some(body)).await
+    }
+
+    pub async fn delete_volume(&self, id: &str) -> Result<(), ClientError> {
+        self.call::<(), ()>(Method::DELETE, &format!("/v1/volumes/{}", seg(id)), None).await
+    }
+
+    pub async fn resize_volume(&self, id: &str, size: ByteSize) -> Result<Volume, ClientError> {
+        let body = ResizeVolumeBody { size };
+        self.call(Method::POST, &format!("/v1/volumes/{}/resize", seg(id)), Some(&body)).await
+    }
+
+    /// Publishes the volume (creates its nexus) and returns it with `status.target.uri` set.
+    pub async fn publish_volume(&self, id: &str, body: &PublishBody) -> Result<Volume, ClientError> {
+        self.call(Method::PUT, &format!("/v1/volumes/{}/target", seg(id)), Some(body)).await
+    }
+
+    pub async fn unpublish_volume(&self, id: &str) -> Result<Volume, ClientError> {
+        self.call::<(), Volume>(Method::DELETE, &format!("/v1/volumes/{}/target", seg(id)), None)
+            .await
+    }
+
+    // ------------------------------------------------------------ replicas
+
+    pub async fn replicas(&self, volume: Option<&str>) -> Result<Vec<Replica>, ClientError> {
+        match volume {
+            Some(v) => self.get(&format!("/v1/volumes/{}/replicas", seg(v))).await,
+            None => self.get("/v1/replicas").await,
+        }
+    }
+
+    // ------------------------------------------------------------ events
+
+    /// Events with a sequence number above `after` (all retained events when `None`).
+    pub async fn events(&self, after: Option<u64>) -> Result<Vec<Event>, ClientError> {
+        match after {
+            Some(a) => self.get(&format!("/v1/events?after={a}")).await,
+            None => self.get("/v1/events").await,
+        }
+    }
+
+    /// The raw text of a path (for `/metrics` and `/v1/openapi.json`).
+    pub async fn get_text(&self, path: &str) -> Result<String, ClientError> {
+        let url = format!("{}{}", self.base, path);
+        let mut req = self.http.get(&url);
+        if let Some(token) = &self.token {
+            req = req.bearer_auth(token);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|source| ClientError::Unreachable { url: url.clone(), source })?;
+        resp.text().await.map_err(|source| ClientError::Unreachable { url, source })
+    }
+}
+
+/// Percent-encodes a path segment; ids are validated names or UUIDs, but a user may type
+/// anything on the command line and it must not change the path.
+fn seg(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses() {
+        assert_eq!(Client::new("127.0.0.1:7480", None).unwrap().base_url(), "http://127.0.0.1:7480");
+        assert_eq!(
+            Client::new("http://localhost:7480/", None).unwrap().base_url(),
+            "http://localhost:7480"
+        );
+        assert!(Client::new("ftp://x:1", None).is_err());
+    }
+
+    #[test]
+    fn segments_are_encoded() {
+        assert_eq!(seg("vol-1"), "vol-1");
+        assert_eq!(seg("../x y"), "..%2Fx%20y");
+    }
+}

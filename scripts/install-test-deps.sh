@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs the real programs the tests drive: NBD clients (libnbd-bin, nbdfuse), fio (with its nbd
+# engine), qemu-img/qemu-io/qemu-nbd, nbdkit, file system tools, FUSE, loop devices, iproute2.
+# Idempotent: installs only what is missing. Needs root (or sudo) and Debian's package registry.
+set -euo pipefail
+
+packages=(fio libnbd-bin nbdfuse nbdkit qemu-utils e2fsprogs xfsprogs fuse3 util-linux iproute2 procps psmisc)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+
+if [ ${#missing[@]} -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "installing: ${missing[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Loop devices and FUSE for the nbdfuse + losetup attach path.
+[ -e /dev/fuse ] || { echo "warning: /dev/fuse is missing; nbdfuse tests will fail" >&2; }
+[ -e /dev/loop-control ] || modprobe loop 2>/dev/null || true
+
+if ! command -v cargo-nextest >/dev/null 2>&1 && ! cargo nextest --version >/dev/null 2>&1; then
+  echo "installing cargo-nextest"
+  cargo install --locked cargo-nextest >/dev/null
+fi

@@ -1,1 +1,196 @@
-//! The storage engine: pools, replicas, the nexus, NBD shares, and the gRPC service control drives
+//! The storage engine (`trireme engine`): one per storage node. It owns the node's pools,
+//! carves replicas out of them, hosts a nexus per published volume, shares nexuses and
+//! replicas over NBD, and serves the `Engine` gRPC API that control drives.
+//!
+//! ```text
+//!            control ──gRPC──> grpc::EngineService ──> engine::Engine ──> pools::Pools ──> trireme_pool
+//!               ^                                          │
+//!   registration (register + heartbeat)                    ├── nexus::Nexus (one per volume) ──> children
+//!                                                          └── share::Shares ──> NBD server (trireme_nbd)
+//! ```
+//!
+//! Startup order matters: both listeners are bound first, so that the endpoints advertised to
+//! control work the moment control calls back; pools are imported from the state directory;
+//! then the servers start and registration runs beside them, never blocking them. Shutdown
+//! stops the servers, then flushes every nexus and closes every pool, each step bounded in time.
+
+mod args;
+mod engine;
+mod error;
+mod grpc;
+pub mod nexus;
+mod pools;
+mod registration;
+mod share;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+pub use args::EngineArgs;
+pub use engine::{Endpoints, Engine};
+pub use error::EngineError;
+pub use grpc::{EngineService, to_status};
+pub use pools::{PoolStatus, PoolView};
+pub use share::{Shares, nexus_export_name, replica_export_name};
+
+/// The engine's version, reported to control.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// How long the servers get to finish in-flight requests at shutdown.
+const SERVER_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long flushing nexuses and closing pools may take at shutdown.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Upper bound for one gRPC request (pool creation formats a disk, so not short).
+const GRPC_REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Runs the engine until `shutdown` is cancelled (or a server fails), then stops cleanly.
+pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    start(args, shutdown).await?.wait().await
+}
+
+/// A started engine: its listeners are bound and its servers running.
+pub struct RunningEngine {
+    engine: Arc<Engine>,
+    grpc_addr: SocketAddr,
+    nbd_addr: SocketAddr,
+    /// Cancelled on shutdown or when any server fails; a child of the caller's token.
+    stop: CancellationToken,
+    tasks: JoinSet<(&'static str, anyhow::Result<()>)>,
+}
+
+/// Binds the listeners, imports the pools, and starts the servers and registration.
+pub async fn start(args: EngineArgs, shutdown: CancellationToken) -> anyhow::Result<RunningEngine> {
+    tokio::fs::create_dir_all(&args.state_dir).await.with_context(|| {
+        format!("cannot create the state directory {}", args.state_dir.display())
+    })?;
+    let grpc_listener = TcpListener::bind(args.grpc_listen)
+        .await
+        .with_context(|| format!("cannot listen for gRPC on {}", args.grpc_listen))?;
+    let nbd_listener = TcpListener::bind(args.nbd_listen)
+        .await
+        .with_context(|| format!("cannot listen for NBD on {}", args.nbd_listen))?;
+    let grpc_addr = grpc_listener.local_addr()?;
+    let nbd_addr = nbd_listener.local_addr()?;
+    let endpoints = Endpoints {
+        grpc: args::advertise(args.grpc_advertise.as_deref(), grpc_addr),
+        nbd: args::advertise(args.nbd_advertise.as_deref(), nbd_addr),
+    };
+    // Validate the control endpoint before anything runs: a typo is a startup error.
+    let registration = args
+        .control
+        .as_deref()
+        .map(|control| {
+            registration::Registration::new(
+                control,
+                args.node_id.clone(),
+                endpoints.clone(),
+                Duration::from_secs(args.heartbeat_secs),
+            )
+        })
+        .transpose()?;
+
+    let engine = Arc::new(
+        Engine::load(args.node_id.clone(), endpoints.clone(), &args.state_dir)
+            .await
+            .context("cannot load the engine's pools")?,
+    );
+
+    let stop = shutdown.child_token();
+    let mut tasks = JoinSet::new();
+    {
+        let registry = engine.shares();
+        let token = stop.clone();
+        tasks.spawn(async move {
+            let served = share::serve_nbd(nbd_listener, registry, token).await;
+            ("nbd server", served.context("NBD server failed"))
+        });
+    }
+    {
+        let service = EngineService::new(Arc::clone(&engine)).into_server();
+        let token = stop.clone();
+        tasks.spawn(async move {
+            let served = tonic::transport::Server::builder()
+                .timeout(GRPC_REQUEST_TIMEOUT)
+                .add_service(service)
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(grpc_listener),
+                    token.cancelled_owned(),
+                )
+                .await;
+            ("grpc server", served.context("gRPC server failed"))
+        });
+    }
+    if let Some(registration) = registration {
+        let token = stop.clone();
+        tasks.spawn(async move {
+            registration.run(token).await;
+            ("registration", Ok(()))
+        });
+    }
+    tracing::info!(
+        node = %args.node_id, grpc = %endpoints.grpc, nbd = %endpoints.nbd,
+        state_dir = %args.state_dir.display(), "engine started"
+    );
+    Ok(RunningEngine { engine, grpc_addr, nbd_addr, stop, tasks })
+}
+
+impl RunningEngine {
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// The bound gRPC address (the actual port when listening on port 0).
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    /// The bound NBD address.
+    pub fn nbd_addr(&self) -> SocketAddr {
+        self.nbd_addr
+    }
+
+    /// Waits for shutdown (or a server failure), then stops the servers and closes the
+    /// pools, each step within a bounded time.
+    pub async fn wait(mut self) -> anyhow::Result<()> {
+        let mut failure = None;
+        tokio::select! {
+            () = self.stop.cancelled() => {}
+            Some(ended) = self.tasks.join_next() => {
+                // A server ending on its own is a failure: stop the rest.
+                failure = Some(match ended {
+                    Ok((name, Ok(()))) => anyhow::anyhow!("{name} stopped unexpectedly"),
+                    Ok((_, Err(e))) => e,
+                    Err(e) => anyhow::anyhow!("a server task panicked: {e}"),
+                });
+            }
+        }
+        tracing::info!("engine stopping");
+        self.stop.cancel();
+        let drain = async {
+            while let Some(ended) = self.tasks.join_next().await {
+                match ended {
+                    Ok((_, Ok(()))) => {}
+                    Ok((name, Err(e))) => {
+                        tracing::warn!(task = name, error = %e, "task failed while stopping")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "task panicked while stopping"),
+                }
+            }
+        };
+        if tokio::time::timeout(SERVER_STOP_TIMEOUT, drain).await.is_err() {
+            tracing::warn!("servers did not stop in time; aborting them");
+            self.tasks.abort_all();
+        }
+        if tokio::time::timeout(CLOSE_TIMEOUT, self.engine.shutdown()).await.is_err() {
+            tracing::error!("closing nexuses and pools did not finish in time");
+        }
+        tracing::info!("engine stopped");
+        failure.map_or(Ok(()), Err)
+    }
+}

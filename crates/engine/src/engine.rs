@@ -1,0 +1,285 @@
+//! The engine's state and operations, independent of any wire format: its pools, the replicas
+//! in them, its nexuses and what it shares over NBD. The gRPC service translates to and from
+//! these calls; tests drive them directly.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use trireme_nbd::Export;
+use trireme_pool::{PoolError, PoolInfo, ReplicaInfo, ReplicaMeta};
+use trireme_types::{ByteSize, NodeId, PoolId, ReplicaId, VolumeId};
+
+use crate::error::EngineError;
+use crate::nexus::{Child, ChildUri, LocalChild, Nexus};
+use crate::pools::{PoolView, Pools};
+use crate::share::{Shares, nexus_export_name, replica_export_name};
+
+/// Where this engine is reached, as advertised to control and put in share URIs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoints {
+    /// host:port of the gRPC server.
+    pub grpc: String,
+    /// host:port of the NBD server.
+    pub nbd: String,
+}
+
+pub struct Engine {
+    node_id: NodeId,
+    endpoints: Endpoints,
+    pools: Pools,
+    nexuses: Mutex<BTreeMap<VolumeId, Arc<Nexus>>>,
+    shares: Arc<Shares>,
+}
+
+impl Engine {
+    /// Loads the pools listed in `state_dir` and shares their replicas.
+    pub async fn load(
+        node_id: NodeId,
+        endpoints: Endpoints,
+        state_dir: &Path,
+    ) -> Result<Self, EngineError> {
+        let pools = Pools::load(state_dir).await?;
+        let engine = Self {
+            node_id,
+            endpoints,
+            pools,
+            nexuses: Mutex::new(BTreeMap::new()),
+            shares: Arc::new(Shares::default()),
+        };
+        for (name, pool) in engine.pools.online() {
+            engine.share_replicas(&name, &pool);
+        }
+        Ok(engine)
+    }
+
+    pub fn node_id(&self) -> &NodeId {
+        &self.node_id
+    }
+
+    pub fn endpoints(&self) -> &Endpoints {
+        &self.endpoints
+    }
+
+    pub fn shares(&self) -> Arc<Shares> {
+        Arc::clone(&self.shares)
+    }
+
+    fn share_replicas(&self, name: &PoolId, pool: &trireme_pool::Pool) {
+        for r in pool.replicas() {
+            match pool.open_replica(r.id) {
+                Ok(replica) => self.shares.share_replica(replica),
+                Err(e) => {
+                    tracing::error!(pool = %name, replica = %r.id, error = %e, "cannot share replica")
+                }
+            }
+        }
+    }
+
+    // ---- pools
+
+    pub async fn create_pool(
+        &self,
+        name: &PoolId,
+        disk: &Path,
+        size: Option<ByteSize>,
+        cluster_size: ByteSize,
+    ) -> Result<PoolInfo, EngineError> {
+        let info = self.pools.create(name, disk, size, cluster_size).await?;
+        // An imported pool brings its replicas back; share them (idempotent).
+        let pool = self.pools.get(name)?;
+        self.share_replicas(name, &pool);
+        Ok(info)
+    }
+
+    pub async fn destroy_pool(&self, name: &PoolId) -> Result<(), EngineError> {
+        self.pools.destroy(name).await
+    }
+
+    pub fn list_pools(&self) -> Vec<PoolView> {
+        self.pools.list()
+    }
+
+    // ---- replicas
+
+    /// Creates a replica; idempotent when it exists with the same parameters.
+    pub async fn create_replica(
+        &self,
+        id: ReplicaId,
+        pool_name: &PoolId,
+        size: ByteSize,
+        thin: bool,
+        volume: Option<VolumeId>,
+    ) -> Result<ReplicaInfo, EngineError> {
+        if let Some((found, _, _)) = self.pools.find_replica(id)
+            && &found != pool_name
+        {
+            return Err(EngineError::ReplicaInOtherPool {
+                replica: id,
+                pool: found,
+                requested: pool_name.clone(),
+            });
+        }
+        let pool = self.pools.get(pool_name)?;
+        let meta = ReplicaMeta { volume, ..ReplicaMeta::default() };
+        let info = pool
+            .create_replica(id, size, thin, meta)
+            .await
+            .map_err(|e| EngineError::pool(pool_name, e))?;
+        let replica = pool.open_replica(id).map_err(|e| EngineError::pool(pool_name, e))?;
+        self.shares.share_replica(replica);
+        tracing::info!(replica = %id, pool = %pool_name, %size, thin, "replica created");
+        Ok(info)
+    }
+
+    /// Destroys a replica; idempotent: an absent replica is already destroyed.
+    pub async fn destroy_replica(&self, id: ReplicaId) -> Result<(), EngineError> {
+        if let Some(volume) = self.nexus_of(id) {
+            return Err(EngineError::ReplicaInUse { replica: id, volume });
+        }
+        let Some((name, pool, _)) = self.pools.find_replica(id) else {
+            return Ok(());
+        };
+        self.shares.remove(&replica_export_name(id));
+        match pool.destroy_replica(id).await {
+            Ok(()) | Err(PoolError::NotFound(_)) => {
+                tracing::info!(replica = %id, pool = %name, "replica destroyed");
+                Ok(())
+            }
+            Err(e) => {
+                // Still there: keep sharing it.
+                if let Ok(replica) = pool.open_replica(id) {
+                    self.shares.share_replica(replica);
+                }
+                Err(EngineError::pool(&name, e))
+            }
+        }
+    }
+
+    pub async fn resize_replica(
+        &self,
+        id: ReplicaId,
+        size: ByteSize,
+    ) -> Result<(PoolId, ReplicaInfo), EngineError> {
+        let (name, pool, _) =
+            self.pools.find_replica(id).ok_or(EngineError::ReplicaNotFound(id))?;
+        let info = pool.resize_replica(id, size).await.map_err(|e| EngineError::pool(&name, e))?;
+        Ok((name, info))
+    }
+
+    pub fn list_replicas(&self) -> Vec<(PoolId, ReplicaInfo)> {
+        self.pools
+            .online()
+            .into_iter()
+            .flat_map(|(name, pool)| pool.replicas().into_iter().map(move |r| (name.clone(), r)))
+            .collect()
+    }
+
+    pub fn replica(&self, id: ReplicaId) -> Option<(PoolId, ReplicaInfo)> {
+        self.pools.find_replica(id).map(|(name, _, info)| (name, info))
+    }
+
+    // ---- nexuses
+
+    fn nexus_of(&self, replica: ReplicaId) -> Option<VolumeId> {
+        self.nexuses.lock().values().find(|n| n.has_child(replica)).map(|n| n.volume())
+    }
+
+    fn open_child(&self, uri: &ChildUri) -> Result<Arc<dyn Child>, EngineError> {
+        match uri {
+            ChildUri::Local(id) => {
+                let (name, pool, _) =
+                    self.pools.find_replica(*id).ok_or(EngineError::ReplicaNotFound(*id))?;
+                let replica = pool.open_replica(*id).map_err(|e| EngineError::pool(&name, e))?;
+                Ok(Arc::new(LocalChild::new(replica)))
+            }
+            ChildUri::Nbd { .. } => {
+                Err(EngineError::RemoteChildUnsupported { uri: uri.to_string() })
+            }
+        }
+    }
+
+    /// Creates the volume's nexus and shares it. Idempotent: a nexus with the same children
+    /// and size is returned as is.
+    pub fn create_nexus(
+        &self,
+        volume: VolumeId,
+        size: ByteSize,
+        children: &[ChildUri],
+    ) -> Result<Arc<Nexus>, EngineError> {
+        // Building a nexus never awaits (opening a local replica is synchronous), so the whole
+        // check-and-insert happens under the lock and two racing creates cannot both win.
+        let mut nexuses = self.nexuses.lock();
+        if let Some(existing) = nexuses.get(&volume) {
+            let same_children = {
+                let have: Vec<ChildUri> = existing.children().into_iter().map(|c| c.uri).collect();
+                have.len() == children.len() && children.iter().all(|c| have.contains(c))
+            };
+            if same_children && existing.size() == size.bytes() {
+                return Ok(Arc::clone(existing));
+            }
+            return Err(EngineError::NexusMismatch(volume));
+        }
+        let opened =
+            children.iter().map(|uri| self.open_child(uri)).collect::<Result<Vec<_>, _>>()?;
+        let nexus = Arc::new(Nexus::new(volume, size.bytes(), opened)?);
+        nexuses.insert(volume, Arc::clone(&nexus));
+        let export: Arc<dyn Export> = nexus.clone();
+        self.shares.insert(nexus_export_name(volume), format!("volume {volume}"), export);
+        tracing::info!(%volume, %size, children = children.len(), "nexus created and shared");
+        Ok(nexus)
+    }
+
+    /// Unshares and closes the volume's nexus. Idempotent.
+    pub async fn destroy_nexus(&self, volume: VolumeId) -> Result<(), EngineError> {
+        let nexus = {
+            let mut nexuses = self.nexuses.lock();
+            self.shares.remove(&nexus_export_name(volume));
+            nexuses.remove(&volume)
+        };
+        if let Some(nexus) = nexus {
+            if let Err(e) = nexus.close().await {
+                tracing::warn!(%volume, error = %e, "flushing the nexus on destroy failed");
+            }
+            tracing::info!(%volume, "nexus destroyed");
+        }
+        Ok(())
+    }
+
+    pub fn resize_nexus(
+        &self,
+        volume: VolumeId,
+        size: ByteSize,
+    ) -> Result<Arc<Nexus>, EngineError> {
+        let nexus = self.nexus(volume).ok_or(EngineError::NexusNotFound(volume))?;
+        nexus.resize(size.bytes())?;
+        Ok(nexus)
+    }
+
+    pub fn nexus(&self, volume: VolumeId) -> Option<Arc<Nexus>> {
+        self.nexuses.lock().get(&volume).cloned()
+    }
+
+    pub fn list_nexuses(&self) -> Vec<Arc<Nexus>> {
+        self.nexuses.lock().values().cloned().collect()
+    }
+
+    /// The NBD URI of a volume's share.
+    pub fn share_uri(&self, volume: VolumeId) -> String {
+        format!("nbd://{}/{}", self.endpoints.nbd, nexus_export_name(volume))
+    }
+
+    /// Flushes and closes every nexus, then every pool. Called once the servers have stopped.
+    pub async fn shutdown(&self) {
+        let nexuses: Vec<_> = std::mem::take(&mut *self.nexuses.lock()).into_values().collect();
+        let closes = nexuses.into_iter().map(|n| async move {
+            self.shares.remove(&nexus_export_name(n.volume()));
+            if let Err(e) = n.close().await {
+                tracing::warn!(volume = %n.volume(), error = %e, "flushing the nexus at shutdown failed");
+            }
+        });
+        futures::future::join_all(closes).await;
+        self.pools.close_all().await;
+    }
+}

@@ -5,6 +5,10 @@
 //! Layout: table `kv` maps key → (8-byte little-endian revision ‖ value); table `meta` holds the
 //! store-wide `revision` counter, bumped once per write transaction.
 
+// redb::Error is large, but it only lives between the blocking worker and `backend()`, which
+// boxes it.
+#![allow(clippy::result_large_err)]
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -205,6 +209,7 @@ impl Store for RedbStore {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::conformance_suite;

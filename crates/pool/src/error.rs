@@ -20,8 +20,6 @@ pub enum PoolError {
     OutOfRange { offset: u64, len: u64, size: u64 },
     #[error("cannot shrink replica {id} from {from} to {to}")]
     ShrinkRefused { id: ReplicaId, from: ByteSize, to: ByteSize },
-    #[error("snapshot {snapshot} still has {clones} clone(s)")]
-    SnapshotInUse { snapshot: SnapshotId, clones: usize },
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
     #[error("pool metadata is corrupt: {what}")]
@@ -32,6 +30,10 @@ pub enum PoolError {
     UnsupportedVersion { found: u32, supported: u32 },
     #[error("pool metadata area is full ({needed} bytes of metadata needed)")]
     MetadataFull { needed: u64 },
+    #[error("pool disk {disk} is {actual} bytes but the pool needs {expected} (truncated?)")]
+    Truncated { disk: String, expected: u64, actual: u64 },
+    #[error("pool stopped after a failed metadata write; import it again")]
+    Failed,
     #[error("pool is closed")]
     Closed,
     #[error("replica {0} was destroyed")]

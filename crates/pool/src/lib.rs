@@ -1,10 +1,37 @@
-//! Trireme's pool format and pool library: superblocks, metadata journal, thin/thick replicas,
-//! COW snapshots and clones, io_uring data path.
+//! Trireme's pool format and pool library.
+//!
+//! A pool is a file or block device carved into replicas. This crate owns the on-disk format
+//! (see [`layout`](crate::layout) for the picture, [`journal`](crate::journal) for crash
+//! consistency) and the data path (io_uring with `O_DIRECT`, see [`io`](crate::io)).
+//!
+//! ```text
+//!  Arc<Pool> ── create/import/close, replicas, snapshots, clones (structural, journaled)
+//!     │
+//!     ├── Replica (handle) ── read / write / flush / trim / write_zeroes / allocation
+//!     │        │  fast path: mapped, unshared cluster → one O_DIRECT write, no metadata I/O
+//!     │        └─ slow path: allocate or copy-on-write a cluster → journal record
+//!     │
+//!     └── Inner: Backend (io_uring | pread/pwrite), Meta (maps, refcounts), Journal
+//! ```
+//!
+//! Guarantees: after `flush()` returns, or a FUA write completes, the data and the metadata
+//! that maps it survive a crash. Import after a crash sees every commit up to the first torn
+//! one and nothing after it. A freshly allocated cluster is zeroed (or fully overwritten)
+//! before any mapping to it becomes durable, and a released cluster is not reused before its
+//! release is durable, so no replica can ever read another's data.
 
+mod codec;
 mod error;
 mod info;
+mod inner;
+mod io;
+mod journal;
+mod layout;
+mod meta;
 mod pool;
 mod replica;
+#[cfg(test)]
+mod tests;
 
 pub use error::PoolError;
 pub use info::{Allocation, CreateOptions, PoolInfo, ReplicaInfo, ReplicaMeta, SnapshotInfo};

@@ -1,30 +1,192 @@
-//! The pool: skeleton (bodies filled in by later commits).
+//! The pool: format, import, and the structural operations on replicas and snapshots.
+//!
+//! Every structural operation is serialised by the admin lock, applied to the in-memory
+//! metadata as a journal record and committed before it returns, so it is durable when the
+//! caller hears about it. Data-path records (cluster allocations, releases) are committed by
+//! the next flush, FUA write or structural operation, whichever comes first.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{SystemTime, UNIX_EPOCH};
 
+use trireme_iobuf::IoBuf;
 use trireme_types::{ByteSize, ReplicaId, SnapshotId};
+use uuid::Uuid;
 
+use crate::inner::Inner;
+use crate::io::{BLOCK, Backend};
+use crate::journal;
+use crate::layout::{Layout, MAX_NAME, SUPER_SIZE, Superblock};
+use crate::meta::{Meta, Record, ReplicaState, clusters_for};
 use crate::{CreateOptions, PoolError, PoolInfo, Replica, ReplicaInfo, ReplicaMeta, SnapshotInfo};
 
+/// A formatted pool on a file or block device. Shared as `Arc<Pool>`.
 pub struct Pool {
-    disk: PathBuf,
+    inner: Arc<Inner>,
 }
 
-#[allow(clippy::unused_async, unused_variables)]
+fn now_unix() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn replica_info(id: ReplicaId, r: &ReplicaState, cs: u64) -> ReplicaInfo {
+    ReplicaInfo {
+        id,
+        size: ByteSize::b(r.size),
+        thin: r.thin,
+        allocated: ByteSize::b(r.mapped * cs),
+        meta: r.meta,
+        snapshot_of: r.parent,
+    }
+}
+
+/// Reads both superblock copies: the newest valid one, and whether a copy needs repair.
+async fn read_superblocks(dev: &Backend, disk: &Path) -> Result<(Superblock, bool), PoolError> {
+    let bad =
+        |reason: String| PoolError::BadSuperblock { disk: disk.display().to_string(), reason };
+    let size = dev.size().map_err(|e| PoolError::io(format!("sizing {}", disk.display()), e))?;
+    if size < 2 * SUPER_SIZE {
+        return Err(bad(format!("the disk is only {size} bytes")));
+    }
+    let (buf, r) =
+        dev.read(IoBuf::zeroed(2 * SUPER_SIZE as usize), 0, 2 * SUPER_SIZE as usize, 0).await;
+    r.map_err(|e| PoolError::io(format!("reading superblocks of {}", disk.display()), e))?;
+    let a = Superblock::decode(&buf[..SUPER_SIZE as usize]);
+    let b = Superblock::decode(&buf[SUPER_SIZE as usize..]);
+    match (a, b) {
+        (Ok(a), Ok(b)) => {
+            let repair = a != b;
+            Ok((if a.seq >= b.seq { a } else { b }, repair))
+        }
+        (Ok(s), Err(e)) | (Err(e), Ok(s)) => {
+            tracing::warn!(disk = %disk.display(), error = %e, "one superblock copy is invalid; using the other");
+            Ok((s, true))
+        }
+        (Err(PoolError::UnsupportedVersion { found, supported }), _)
+        | (_, Err(PoolError::UnsupportedVersion { found, supported })) => {
+            Err(PoolError::UnsupportedVersion { found, supported })
+        }
+        (Err(ea), Err(eb)) => Err(bad(format!("copy A: {ea}; copy B: {eb}"))),
+    }
+}
+
+async fn write_superblocks(dev: &Backend, sb: &Superblock) -> Result<(), PoolError> {
+    let enc = sb.encode();
+    for off in [0, SUPER_SIZE] {
+        let (_, r) = dev.write(IoBuf::copy_from(&enc), 0, enc.len(), off).await;
+        r.map_err(|e| PoolError::io("writing a superblock", e))?;
+        // One copy at a time, so a crash tears at most one of them.
+        dev.sync().await.map_err(|e| PoolError::io("syncing a superblock", e))?;
+    }
+    Ok(())
+}
+
 impl Pool {
+    /// Formats `disk` as a new pool. Refuses a disk that already holds a valid pool.
     pub async fn create(disk: &Path, opts: CreateOptions) -> Result<Arc<Pool>, PoolError> {
-        todo!()
+        if let Some(size) = opts.size {
+            prepare_file(disk, size.bytes())?;
+        }
+        let dev = Backend::open(disk)
+            .map_err(|e| PoolError::io(format!("opening {}", disk.display()), e))?;
+        Self::create_on(disk.to_path_buf(), dev, opts, None).await
     }
+
+    pub(crate) async fn create_on(
+        disk: PathBuf,
+        dev: Backend,
+        opts: CreateOptions,
+        sizes: Option<(u64, u64)>,
+    ) -> Result<Arc<Pool>, PoolError> {
+        if opts.name.is_empty() || opts.name.len() > MAX_NAME {
+            return Err(PoolError::InvalidArgument(format!(
+                "pool name must be 1 to {MAX_NAME} bytes, got {}",
+                opts.name.len()
+            )));
+        }
+        if let Ok((sb, _)) = read_superblocks(&dev, &disk).await {
+            return Err(PoolError::AlreadyFormatted { name: sb.name, uuid: sb.uuid });
+        }
+        let size =
+            dev.size().map_err(|e| PoolError::io(format!("sizing {}", disk.display()), e))?;
+        let cs = opts.cluster_size.bytes();
+        let layout = match sizes {
+            Some((ckpt, journal)) => Layout::with_sizes(size, cs, ckpt, journal)?,
+            None => Layout::compute(size, cs)?,
+        };
+        let sb = Superblock { seq: 1, uuid: Uuid::new_v4(), name: opts.name, layout };
+        let meta = Meta::new(cs, layout.cluster_count as u32);
+        let journal = journal::format(&dev, &layout, &meta).await?;
+        // Superblocks last: a crash during format leaves no pool rather than half of one.
+        write_superblocks(&dev, &sb).await?;
+        tracing::info!(disk = %disk.display(), name = %sb.name, uuid = %sb.uuid, backend = dev.kind(),
+            clusters = layout.cluster_count, "pool created");
+        Ok(Arc::new(Pool { inner: Arc::new(Inner::new(disk, dev, sb, meta, journal)) }))
+    }
+
+    /// Opens an existing pool: picks the newest valid superblock, loads the newest valid
+    /// checkpoint and replays the journal's valid prefix.
     pub async fn import(disk: &Path) -> Result<Arc<Pool>, PoolError> {
-        todo!()
+        let dev = Backend::open(disk)
+            .map_err(|e| PoolError::io(format!("opening {}", disk.display()), e))?;
+        Self::import_on(disk.to_path_buf(), dev).await
     }
+
+    pub(crate) async fn import_on(disk: PathBuf, dev: Backend) -> Result<Arc<Pool>, PoolError> {
+        let started = std::time::Instant::now();
+        let (sb, repair) = read_superblocks(&dev, &disk).await?;
+        let actual =
+            dev.size().map_err(|e| PoolError::io(format!("sizing {}", disk.display()), e))?;
+        if actual < sb.layout.end() {
+            return Err(PoolError::Truncated {
+                disk: disk.display().to_string(),
+                expected: sb.layout.end(),
+                actual,
+            });
+        }
+        let (meta, journal) = journal::load(&dev, &sb.layout).await?;
+        if repair {
+            write_superblocks(&dev, &sb).await?;
+        }
+        tracing::info!(disk = %disk.display(), name = %sb.name, replicas = meta.replicas.len(),
+            backend = dev.kind(), elapsed_ms = started.elapsed().as_millis() as u64, "pool imported");
+        Ok(Arc::new(Pool { inner: Arc::new(Inner::new(disk, dev, sb, meta, journal)) }))
+    }
+
     pub fn info(&self) -> PoolInfo {
-        todo!()
+        let cs = self.inner.cluster_size();
+        let m = self.inner.meta();
+        PoolInfo {
+            uuid: self.inner.sb.uuid,
+            name: self.inner.sb.name.clone(),
+            capacity: ByteSize::b(u64::from(m.cluster_count) * cs),
+            used: ByteSize::b(m.used_clusters() * cs),
+            free: ByteSize::b(m.free_clusters() * cs),
+            cluster_size: ByteSize::b(cs),
+            replica_count: m.replicas.len(),
+        }
     }
+
     pub fn disk(&self) -> &Path {
-        &self.disk
+        &self.inner.disk
     }
+
+    /// Zeroes freshly reserved clusters so that no replica sees another's old data.
+    async fn zero_extents(&self, extents: &[crate::meta::Extent]) -> Result<(), PoolError> {
+        let cs = self.inner.cluster_size();
+        for e in extents {
+            let off = self.inner.sb.layout.cluster_offset(e.p);
+            self.inner
+                .dev
+                .zero(off, u64::from(e.n) * cs)
+                .await
+                .map_err(|err| PoolError::io(format!("zeroing clusters at offset {off}"), err))?;
+        }
+        Ok(())
+    }
+
+    /// Creates a replica (idempotent: the same id, size and kind returns the existing one).
     pub async fn create_replica(
         &self,
         id: ReplicaId,
@@ -32,56 +194,293 @@ impl Pool {
         thin: bool,
         meta: ReplicaMeta,
     ) -> Result<ReplicaInfo, PoolError> {
-        todo!()
+        self.inner.usable()?;
+        let _admin = self.inner.admin.lock().await;
+        self.inner.usable()?;
+        let cs = self.inner.cluster_size();
+        let size = size.bytes();
+        let clusters = clusters_for(size, cs);
+        if size == 0 || clusters >= u64::from(u32::MAX) {
+            return Err(PoolError::InvalidArgument(format!("replica size {size} is out of range")));
+        }
+        let extents = {
+            let mut m = self.inner.meta();
+            if let Some(r) = m.replicas.get(&id) {
+                if r.size == size && r.thin == thin {
+                    return Ok(replica_info(id, r, cs));
+                }
+                return Err(PoolError::AlreadyExists { what: format!("replica {id}") });
+            }
+            if thin {
+                Vec::new()
+            } else {
+                m.reserve_many(clusters).ok_or_else(|| PoolError::NoSpace {
+                    needed: ByteSize::b(clusters * cs),
+                    free: ByteSize::b(m.free_clusters() * cs),
+                })?
+            }
+        };
+        if let Err(e) = self.zero_extents(&extents).await {
+            self.inner.meta().unreserve_extents(&extents);
+            return Err(e);
+        }
+        self.inner.meta().log(Record::CreateReplica { id, size, thin, meta, extents })?;
+        self.inner.flush(false).await?;
+        self.replica_info(id)
     }
+
     pub async fn destroy_replica(&self, id: ReplicaId) -> Result<(), PoolError> {
-        todo!()
+        self.inner.usable()?;
+        let _admin = self.inner.admin.lock().await;
+        let io = self
+            .inner
+            .meta()
+            .replicas
+            .get(&id)
+            .map(|r| r.io.clone())
+            .ok_or(PoolError::NotFound(id))?;
+        // Drain this replica's I/O: nothing may still be writing into clusters being released.
+        let _gate = io.gate().write().await;
+        io.mark_destroyed();
+        self.inner.meta().log(Record::DestroyReplica { id })?;
+        drop(_gate);
+        self.inner.flush(false).await
     }
+
+    /// Grows a replica; shrinking is refused.
     pub async fn resize_replica(
         &self,
         id: ReplicaId,
         size: ByteSize,
     ) -> Result<ReplicaInfo, PoolError> {
-        todo!()
+        self.inner.usable()?;
+        let _admin = self.inner.admin.lock().await;
+        let cs = self.inner.cluster_size();
+        let new = size.bytes();
+        let mut extents = {
+            let mut m = self.inner.meta();
+            let r = m.replicas.get(&id).ok_or(PoolError::NotFound(id))?;
+            if new < r.size {
+                return Err(PoolError::ShrinkRefused { id, from: ByteSize::b(r.size), to: size });
+            }
+            if new == r.size {
+                return Ok(replica_info(id, r, cs));
+            }
+            let (old_n, new_n) = (r.map.len() as u64, clusters_for(new, cs));
+            if new_n >= u64::from(u32::MAX) {
+                return Err(PoolError::InvalidArgument(format!(
+                    "replica size {new} is out of range"
+                )));
+            }
+            if r.thin {
+                Vec::new()
+            } else {
+                let add = new_n - old_n;
+                let mut xs = m.reserve_many(add).ok_or_else(|| PoolError::NoSpace {
+                    needed: ByteSize::b(add * cs),
+                    free: ByteSize::b(m.free_clusters() * cs),
+                })?;
+                xs.iter_mut().for_each(|x| x.v += old_n as u32);
+                xs
+            }
+        };
+        if let Err(e) = self.zero_extents(&extents).await {
+            self.inner.meta().unreserve_extents(&extents);
+            return Err(e);
+        }
+        let extents = std::mem::take(&mut extents);
+        self.inner.meta().log(Record::Resize { id, size: new, extents })?;
+        self.inner.flush(false).await?;
+        self.replica_info(id)
     }
+
+    /// Stores the engine's small metadata for a replica; durable on return.
     pub async fn set_replica_meta(
         &self,
         id: ReplicaId,
         meta: ReplicaMeta,
     ) -> Result<(), PoolError> {
-        todo!()
+        self.inner.usable()?;
+        let _admin = self.inner.admin.lock().await;
+        {
+            let mut m = self.inner.meta();
+            if !m.replicas.contains_key(&id) {
+                return Err(PoolError::NotFound(id));
+            }
+            m.log(Record::SetMeta { id, meta })?;
+        }
+        self.inner.flush(false).await
     }
+
     pub fn replicas(&self) -> Vec<ReplicaInfo> {
-        todo!()
+        let cs = self.inner.cluster_size();
+        let m = self.inner.meta();
+        let mut v: Vec<ReplicaInfo> =
+            m.replicas.iter().map(|(id, r)| replica_info(*id, r, cs)).collect();
+        v.sort_by_key(|r| r.id);
+        v
     }
+
     pub fn replica_info(&self, id: ReplicaId) -> Result<ReplicaInfo, PoolError> {
-        todo!()
+        let cs = self.inner.cluster_size();
+        let m = self.inner.meta();
+        m.replicas.get(&id).map(|r| replica_info(id, r, cs)).ok_or(PoolError::NotFound(id))
     }
+
     pub fn open_replica(&self, id: ReplicaId) -> Result<Replica, PoolError> {
-        todo!()
+        self.inner.usable()?;
+        let m = self.inner.meta();
+        let r = m.replicas.get(&id).ok_or(PoolError::NotFound(id))?;
+        Ok(Replica::new(self.inner.clone(), id, r.io.clone()))
     }
+
+    /// Refuses a new map whose checkpoint could no longer fit its slot (leaving room for the
+    /// data path to map every cluster of the pool once more).
+    fn check_room(&self, m: &Meta, added: u64) -> Result<(), PoolError> {
+        let layout = &self.inner.sb.layout;
+        let needed = m.encoded_len_estimate() as u64 + 12 * (added + layout.cluster_count) + 4096;
+        if needed > layout.ckpt_slot_size {
+            return Err(PoolError::MetadataFull { needed });
+        }
+        Ok(())
+    }
+
+    /// Takes a read-only, copy-on-write snapshot of a replica (idempotent by id).
     pub async fn create_snapshot(
         &self,
         source: ReplicaId,
         id: SnapshotId,
     ) -> Result<SnapshotInfo, PoolError> {
-        todo!()
+        self.inner.usable()?;
+        let _admin = self.inner.admin.lock().await;
+        if let Some(s) = self.snapshot_info(id) {
+            if s.source == source {
+                return Ok(s);
+            }
+            return Err(PoolError::AlreadyExists { what: format!("snapshot {id}") });
+        }
+        let io = self
+            .inner
+            .meta()
+            .replicas
+            .get(&source)
+            .map(|r| r.io.clone())
+            .ok_or(PoolError::NotFound(source))?;
+        // Drain writes so the snapshot holds exactly the writes completed before it.
+        let gate = io.gate().write().await;
+        {
+            let mut m = self.inner.meta();
+            let mapped =
+                m.replicas.get(&source).map(|r| r.mapped).ok_or(PoolError::NotFound(source))?;
+            self.check_room(&m, mapped)?;
+            m.log(Record::Snapshot { id, source, created: now_unix() })?;
+        }
+        drop(gate);
+        self.inner.flush(false).await?;
+        self.snapshot_info(id).ok_or(PoolError::SnapshotNotFound(id))
     }
+
+    fn snapshot_info(&self, id: SnapshotId) -> Option<SnapshotInfo> {
+        let m = self.inner.meta();
+        m.snapshots.get(&id).map(|s| SnapshotInfo {
+            id,
+            source: s.source,
+            size: ByteSize::b(s.size),
+            created_at_unix: s.created,
+        })
+    }
+
+    /// Destroys a snapshot; clusters still used by its source or clones stay.
     pub async fn destroy_snapshot(&self, id: SnapshotId) -> Result<(), PoolError> {
-        todo!()
+        self.inner.usable()?;
+        let _admin = self.inner.admin.lock().await;
+        {
+            let mut m = self.inner.meta();
+            if !m.snapshots.contains_key(&id) {
+                return Err(PoolError::SnapshotNotFound(id));
+            }
+            m.log(Record::DestroySnapshot { id })?;
+        }
+        self.inner.flush(false).await
     }
+
     pub fn snapshots(&self) -> Vec<SnapshotInfo> {
-        todo!()
+        let m = self.inner.meta();
+        let mut v: Vec<SnapshotInfo> = m
+            .snapshots
+            .iter()
+            .map(|(id, s)| SnapshotInfo {
+                id: *id,
+                source: s.source,
+                size: ByteSize::b(s.size),
+                created_at_unix: s.created,
+            })
+            .collect();
+        v.sort_by_key(|s| s.id);
+        v
     }
+
+    /// Creates a writable replica sharing the snapshot's clusters (idempotent by id).
     pub async fn create_clone(
         &self,
         snapshot: SnapshotId,
         id: ReplicaId,
         meta: ReplicaMeta,
     ) -> Result<ReplicaInfo, PoolError> {
-        todo!()
+        self.inner.usable()?;
+        let _admin = self.inner.admin.lock().await;
+        let cs = self.inner.cluster_size();
+        {
+            let mut m = self.inner.meta();
+            if let Some(r) = m.replicas.get(&id) {
+                if r.parent == Some(snapshot) {
+                    return Ok(replica_info(id, r, cs));
+                }
+                return Err(PoolError::AlreadyExists { what: format!("replica {id}") });
+            }
+            let s = m.snapshots.get(&snapshot).ok_or(PoolError::SnapshotNotFound(snapshot))?;
+            let added = s.map.len() as u64;
+            self.check_room(&m, added)?;
+            m.log(Record::Clone { id, snapshot, meta })?;
+        }
+        self.inner.flush(false).await?;
+        self.replica_info(id)
     }
+
+    /// Flushes, writes a final checkpoint and refuses further I/O.
     pub async fn close(&self) -> Result<(), PoolError> {
-        todo!()
+        let _admin = self.inner.admin.lock().await;
+        if self.inner.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let _drain = self.inner.gate.write().await;
+        self.inner.flush(true).await
     }
+
+    #[cfg(test)]
+    pub(crate) fn inner(&self) -> &Arc<Inner> {
+        &self.inner
+    }
+
+    #[cfg(test)]
+    pub(crate) async fn flush_for_test(&self) {
+        self.inner.flush(false).await.unwrap_or_else(|e| panic!("flush: {e}"));
+    }
+}
+
+/// Creates the backing file with `size` bytes if it is missing, or grows a smaller one.
+fn prepare_file(disk: &Path, size: u64) -> Result<(), PoolError> {
+    let ctx = |e| PoolError::io(format!("preparing {}", disk.display()), e);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(disk)
+        .map_err(ctx)?;
+    let meta = f.metadata().map_err(ctx)?;
+    if meta.is_file() && meta.len() < size {
+        f.set_len(size.div_ceil(BLOCK) * BLOCK).map_err(ctx)?;
+    }
+    Ok(())
 }

@@ -1,0 +1,207 @@
+//! Child supervision, the way Kubernetes restarts a pod: each server runs as a child process of
+//! `up`; one that exits while `up` is not stopping is started again after a backoff that doubles
+//! from 0.5 s to 10 s and resets once a run lasted a minute.
+//!
+//! ```text
+//!        spawn ──► running ──exit──► log, wait backoff ──► spawn …
+//!                     │
+//!                  shutdown ──► SIGTERM ──(10 s)──► SIGKILL ──► reaped
+//! ```
+//!
+//! Each child runs in its own process group (a terminal's Ctrl-C reaches only `up`, which then
+//! stops the children in order) and gets SIGTERM from the kernel if `up` dies without cleaning
+//! up (`PR_SET_PDEATHSIG`), so a killed `up` does not leave servers holding its ports.
+
+use std::ffi::OsString;
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::state::UpState;
+
+/// How long a stopping child gets between SIGTERM and SIGKILL.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// What to run and where its output goes.
+#[derive(Debug, Clone)]
+pub struct ChildSpec {
+    /// `control` or `node-<i>`: the name in logs, `up.json` and the log file.
+    pub name: String,
+    pub binary: PathBuf,
+    pub args: Vec<OsString>,
+    pub log: PathBuf,
+}
+
+/// Restart delays: doubling from `initial` to `max`, back to `initial` after a run of at least
+/// `reset_after`.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+    reset_after: Duration,
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self::new(Duration::from_millis(500), Duration::from_secs(10), Duration::from_secs(60))
+    }
+}
+
+impl Backoff {
+    pub fn new(initial: Duration, max: Duration, reset_after: Duration) -> Self {
+        Self { initial, max, reset_after, next: initial }
+    }
+
+    /// The delay before the next start, given how long the last run lasted.
+    pub fn after_run(&mut self, ran_for: Duration) -> Duration {
+        if ran_for >= self.reset_after {
+            self.next = self.initial;
+        }
+        let delay = self.next;
+        self.next = (self.next * 2).min(self.max);
+        delay
+    }
+}
+
+/// Runs `spec` until `shutdown`, restarting it whenever it exits, and records each pid in
+/// `state`. Returns once the child is stopped and reaped.
+pub async fn supervise(
+    spec: ChildSpec,
+    state: watch::Sender<UpState>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Backoff::default();
+    let mut restarted = false;
+    loop {
+        let started = Instant::now();
+        match spawn(&spec) {
+            Ok(mut child) => {
+                let pid = child.id();
+                state.send_modify(|s| s.set_pid(&spec.name, pid, restarted));
+                tracing::info!(child = %spec.name, pid, "started");
+                tokio::select! {
+                    status = child.wait() => {
+                        state.send_modify(|s| s.set_pid(&spec.name, None, false));
+                        let status = describe(status);
+                        tracing::warn!(
+                            child = %spec.name,
+                            %status,
+                            ran_for = ?started.elapsed(),
+                            log = %spec.log.display(),
+                            "child exited unexpectedly"
+                        );
+                    }
+                    () = shutdown.cancelled() => {
+                        stop(&spec.name, &mut child).await;
+                        state.send_modify(|s| s.set_pid(&spec.name, None, false));
+                        return;
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(child = %spec.name, binary = %spec.binary.display(), error = %e, "cannot start child");
+            }
+        }
+        let delay = backoff.after_run(started.elapsed());
+        tracing::warn!(child = %spec.name, restart_in = ?delay, "restarting child");
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = shutdown.cancelled() => return,
+        }
+        restarted = true;
+    }
+}
+
+fn describe(status: std::io::Result<ExitStatus>) -> String {
+    match status {
+        Ok(s) => s.to_string(),
+        Err(e) => format!("unknown ({e})"),
+    }
+}
+
+fn spawn(spec: &ChildSpec) -> std::io::Result<Child> {
+    if let Some(dir) = spec.log.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut log = OpenOptions::new().create(true).append(true).open(&spec.log)?;
+    // A marker between runs makes restarts easy to find in the appended log.
+    writeln!(log, "==== trireme up: starting {} ====", spec.name)?;
+    let stderr = log.try_clone()?;
+    let parent = i32::try_from(std::process::id()).map_err(std::io::Error::other)?;
+
+    let mut cmd = Command::new(&spec.binary);
+    cmd.args(&spec.args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(stderr))
+        .process_group(0)
+        // Last resort only: `stop` terminates children gracefully first.
+        .kill_on_drop(true);
+    // SAFETY: the closure runs in the forked child before exec and only makes async-signal-safe
+    // system calls (prctl, getppid); it allocates nothing and takes no locks.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).map_err(std::io::Error::from)?;
+            // `up` may have died between fork and prctl; then nobody would ever signal us.
+            // No allocation here (see SAFETY above), hence a bare errno.
+            if nix::unistd::getppid().as_raw() != parent {
+                return Err(std::io::Error::from(nix::errno::Errno::ESRCH));
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
+}
+
+/// SIGTERM to the child's process group, SIGKILL after [`STOP_GRACE`], then reap.
+async fn stop(name: &str, child: &mut Child) {
+    let Some(pid) = child.id() else {
+        return; // Already reaped.
+    };
+    let Ok(raw) = i32::try_from(pid) else {
+        return;
+    };
+    let group = Pid::from_raw(raw);
+    tracing::info!(child = %name, pid, "stopping");
+    if let Err(e) = killpg(group, Signal::SIGTERM) {
+        tracing::debug!(child = %name, error = %e, "SIGTERM failed; the child is likely gone");
+    }
+    match tokio::time::timeout(STOP_GRACE, child.wait()).await {
+        Ok(status) => {
+            tracing::info!(child = %name, status = %describe(status), "stopped");
+        }
+        Err(_) => {
+            tracing::warn!(child = %name, pid, grace = ?STOP_GRACE, "did not stop in time; killing it");
+            let _ = killpg(group, Signal::SIGKILL);
+            let _ = child.start_kill();
+            if tokio::time::timeout(Duration::from_secs(5), child.wait()).await.is_err() {
+                tracing::error!(child = %name, pid, "could not reap child after SIGKILL");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_caps_and_resets() {
+        let mut b = Backoff::default();
+        let quick = Duration::from_millis(10);
+        let delays: Vec<_> = (0..7).map(|_| b.after_run(quick).as_millis()).collect();
+        assert_eq!(delays, [500, 1000, 2000, 4000, 8000, 10000, 10000]);
+        assert_eq!(b.after_run(Duration::from_secs(61)), Duration::from_millis(500));
+        assert_eq!(b.after_run(quick), Duration::from_secs(1));
+    }
+}

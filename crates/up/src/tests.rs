@@ -1,0 +1,206 @@
+use std::time::Duration;
+
+use clap::Parser;
+
+use super::*;
+
+#[derive(Debug, Parser)]
+struct Cli {
+    #[command(flatten)]
+    up: UpArgs,
+}
+
+fn parse(args: &[&str]) -> Result<UpArgs, clap::Error> {
+    Cli::try_parse_from(std::iter::once("up").chain(args.iter().copied())).map(|c| c.up)
+}
+
+#[test]
+fn defaults() {
+    let a = parse(&[]).unwrap();
+    assert_eq!(a.nodes, 3);
+    assert_eq!(a.pool_size, ByteSize::gib(4));
+    assert_eq!(a.api, "127.0.0.1:7480".parse().unwrap());
+    assert_eq!(a.data_dir, None);
+}
+
+#[test]
+fn flags() {
+    let a = parse(&[
+        "--data-dir",
+        "/tmp/x",
+        "--nodes",
+        "1",
+        "--pool-size",
+        "512MiB",
+        "--api",
+        "127.0.0.1:9000",
+    ])
+    .unwrap();
+    assert_eq!(a.data_dir.as_deref(), Some(Path::new("/tmp/x")));
+    assert_eq!(a.nodes, 1);
+    assert_eq!(a.pool_size, ByteSize::mib(512));
+    assert_eq!(a.api.port(), 9000);
+}
+
+#[test]
+fn bad_flags_are_refused() {
+    assert!(parse(&["--nodes", "0"]).is_err());
+    assert!(parse(&["--pool-size", "4GB"]).is_err());
+    assert!(parse(&["--api", "127.0.0.1:0"]).is_err());
+    assert!(parse(&["--api", "nowhere"]).is_err());
+}
+
+#[test]
+fn children_get_derived_addresses_and_dirs() {
+    let layout = Layout::new("/d");
+    let ports = Ports::derive("127.0.0.1:20000".parse().unwrap(), 2).unwrap();
+    let control = control_spec(Path::new("/bin/trireme"), &layout, &ports);
+    let args: Vec<String> = control.args.iter().map(|a| a.to_string_lossy().into_owned()).collect();
+    assert_eq!(
+        args,
+        [
+            "control",
+            "--api-listen",
+            "127.0.0.1:20000",
+            "--grpc-listen",
+            "127.0.0.1:20001",
+            "--data-dir",
+            "/d/control"
+        ]
+    );
+    let engine = engine_spec(Path::new("/bin/trireme"), &layout, &ports, &ports.engines[1]);
+    let args: Vec<String> = engine.args.iter().map(|a| a.to_string_lossy().into_owned()).collect();
+    assert_eq!(
+        args,
+        [
+            "engine",
+            "--node-id",
+            "node-2",
+            "--grpc-listen",
+            "127.0.0.1:20014",
+            "--nbd-listen",
+            "127.0.0.1:20015",
+            "--nbd-advertise",
+            "127.0.0.1:20015",
+            "--control",
+            "http://127.0.0.1:20001",
+            "--state-dir",
+            "/d/node-2"
+        ]
+    );
+    assert_eq!(engine.log, Path::new("/d/logs/node-2.log"));
+}
+
+#[test]
+fn wildcard_api_advertises_loopback() {
+    let layout = Layout::new("/d");
+    let ports = Ports::derive("0.0.0.0:20000".parse().unwrap(), 1).unwrap();
+    let engine = engine_spec(Path::new("/t"), &layout, &ports, &ports.engines[0]);
+    let args: Vec<String> = engine.args.iter().map(|a| a.to_string_lossy().into_owned()).collect();
+    assert!(args.windows(2).any(|w| w == ["--nbd-listen", "0.0.0.0:20013"]));
+    assert!(args.windows(2).any(|w| w == ["--nbd-advertise", "127.0.0.1:20013"]));
+    assert!(args.windows(2).any(|w| w == ["--control", "http://127.0.0.1:20001"]));
+}
+
+#[test]
+fn initial_state_lists_every_node() {
+    let layout = Layout::new("/d");
+    let ports = Ports::derive("127.0.0.1:20000".parse().unwrap(), 3).unwrap();
+    let s = initial_state(&layout, &ports);
+    assert_eq!(s.api_url, "http://127.0.0.1:20000");
+    assert_eq!(s.nodes.len(), 3);
+    assert_eq!(s.nodes[2].pool, "pool-3");
+    assert_eq!(s.nodes[2].pool_disk, Path::new("/d/node-3/pool.img"));
+    assert!(!s.ready);
+}
+
+#[test]
+fn data_dir_is_created_private_and_absolute() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("a/b");
+    let abs = prepare_dir(&dir, 2).unwrap();
+    assert!(abs.is_absolute());
+    for sub in ["control", "logs", "node-1", "node-2"] {
+        assert!(abs.join(sub).is_dir(), "{sub}");
+    }
+    let mode = std::fs::metadata(&abs).unwrap().permissions().mode();
+    assert_eq!(mode & 0o077, 0, "data dir is readable by others: {mode:o}");
+}
+
+#[test]
+fn a_busy_port_is_named() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
+    // Put the busy port where node-1's gRPC goes: API port = busy - 12.
+    let Some(api) = port.checked_sub(12) else { return };
+    let Ok(ports) = Ports::derive(SocketAddr::new([127, 0, 0, 1].into(), api), 1) else { return };
+    match check_ports_free(&ports) {
+        Err(UpError::PortInUse { what, addr }) => {
+            // Another listener below ours may be busy too; the error names whichever it met.
+            assert!(addr.port() <= port, "{what} {addr}");
+        }
+        other => panic!("expected PortInUse, got {other:?}"),
+    }
+}
+
+#[test]
+fn banner_tells_where_things_are() {
+    let args = parse(&["--data-dir", "/nonexistent/x", "--nodes", "1"]).unwrap();
+    let b = banner(&args, &Layout::new("/nonexistent/x"), "http://127.0.0.1:7480");
+    assert!(b.contains("http://127.0.0.1:7480"), "{b}");
+    assert!(b.contains("/nonexistent/x/control/admin.token"), "{b}");
+    assert!(b.contains("/nonexistent/x/logs/"), "{b}");
+    assert!(b.contains("1 node,"), "{b}");
+    assert!(b.contains("trireme volume create v1 --size 1GiB && trireme volume publish v1"));
+    // Not the default directory: the hint says how to point the CLI at it.
+    assert!(b.contains("export TRIREME_API=http://127.0.0.1:7480 TRIREME_TOKEN="), "{b}");
+}
+
+/// A child that is killed comes back with a new pid; shutdown stops it.
+#[tokio::test]
+async fn supervisor_restarts_a_killed_child_and_stops_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = Layout::new(tmp.path());
+    let ports = Ports::derive("127.0.0.1:20000".parse().unwrap(), 1).unwrap();
+    let (tx, mut rx) = watch::channel(initial_state(&layout, &ports));
+    let spec = ChildSpec {
+        name: "node-1".into(),
+        binary: "/bin/sh".into(),
+        args: vec!["-c".into(), "echo hello; exec sleep 300".into()],
+        log: layout.log_file("node-1"),
+    };
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(supervise::supervise(spec, tx, stop.clone()));
+
+    let wait_pid = |rx: &mut watch::Receiver<UpState>, not: Option<u32>| {
+        let mut rx = rx.clone();
+        async move {
+            let s =
+                rx.wait_for(|s| s.nodes[0].pid.is_some() && s.nodes[0].pid != not).await.unwrap();
+            (s.nodes[0].pid.unwrap(), s.nodes[0].restarts)
+        }
+    };
+    let limit = Duration::from_secs(60);
+    let (first, restarts) = tokio::time::timeout(limit, wait_pid(&mut rx, None)).await.unwrap();
+    assert_eq!(restarts, 0);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let (second, restarts) =
+        tokio::time::timeout(limit, wait_pid(&mut rx, Some(first))).await.unwrap();
+    assert_ne!(first, second);
+    assert_eq!(restarts, 1);
+
+    stop.cancel();
+    tokio::time::timeout(limit, task).await.unwrap().unwrap();
+    assert_eq!(rx.borrow().nodes[0].pid, None);
+    // The child is gone (reaped, so not even a zombie).
+    assert!(nix::sys::signal::kill(nix::unistd::Pid::from_raw(second as i32), None).is_err());
+    let log = std::fs::read_to_string(layout.log_file("node-1")).unwrap();
+    // The second run may be stopped before its shell prints anything.
+    assert!(log.contains("hello"), "{log}");
+    assert_eq!(log.matches("==== trireme up: starting node-1").count(), 2, "{log}");
+}

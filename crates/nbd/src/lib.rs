@@ -11,6 +11,8 @@
 //! nexus and an [`ExportRegistry`] to name them. With the `testing` feature, [`testing`]
 //! provides an in-memory sparse export for tests.
 
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 mod export;
 mod handshake;
 pub mod proto;

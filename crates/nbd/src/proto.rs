@@ -688,7 +688,7 @@ impl Chunk {
             REPLY_TYPE_OFFSET_HOLE => Chunk::OffsetHole { offset: r.u64()?, length: r.u32()? },
             REPLY_TYPE_BLOCK_STATUS => {
                 let context_id = r.u32()?;
-                if r.rest().is_empty() || r.rest().len() % 8 != 0 {
+                if r.rest().is_empty() || !r.rest().len().is_multiple_of(8) {
                     return Err(ProtoError::Malformed { what: "BLOCK_STATUS descriptors" });
                 }
                 let mut descriptors = Vec::with_capacity(r.rest().len() / 8);

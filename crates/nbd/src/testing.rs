@@ -173,10 +173,13 @@ impl Export for MemExport {
     }
 }
 
+/// An export with its description.
+type Entry = (String, Arc<dyn Export>);
+
 /// A registry of named exports held in memory.
 #[derive(Default)]
 pub struct MemRegistry {
-    exports: RwLock<HashMap<String, (String, Arc<dyn Export>)>>,
+    exports: RwLock<HashMap<String, Entry>>,
 }
 
 impl MemRegistry {

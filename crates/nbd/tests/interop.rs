@@ -1,6 +1,8 @@
 //! Interoperability with real NBD clients (libnbd's nbdinfo/nbdcopy, qemu-io) against the
 //! in-memory export. A test is skipped (with a note) only if its tool is not installed.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use common::*;

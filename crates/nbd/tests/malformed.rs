@@ -1,0 +1,340 @@
+//! Bad input over raw TCP: each case checks the protocol's answer (error reply or clean
+//! disconnect), and that a fresh well-behaved client still works on the same server.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use trireme_nbd::ServerConfig;
+use trireme_nbd::proto::{errno, *};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncated_handshake() {
+    let srv = start().await;
+    // Half of the client flags, then gone.
+    let mut c = Raw::connect(srv.addr).await;
+    c.send(&[0, 0]).await;
+    drop(c);
+    // Half an option header, then gone.
+    let mut c = Raw::negotiating(srv.addr).await;
+    c.send(&IHAVEOPT.to_be_bytes()[..5]).await;
+    drop(c);
+    // Option data shorter than announced, then gone.
+    let mut c = Raw::negotiating(srv.addr).await;
+    c.send(&OptionHeader { option: OPT_GO, length: 100 }.encode()).await;
+    c.send(&[0; 10]).await;
+    drop(c);
+    assert_healthy(srv.addr).await;
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_client_is_dropped_after_handshake_timeout() {
+    let config =
+        ServerConfig { handshake_timeout: Duration::from_millis(300), ..Default::default() };
+    let srv = start_with(config).await;
+    let mut c = Raw::connect(srv.addr).await;
+    assert!(c.closed().await);
+    assert_healthy(srv.addr).await;
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_client_flags_disconnect() {
+    let srv = start().await;
+    let mut c = Raw::connect(srv.addr).await;
+    c.send(&0x8000_0001u32.to_be_bytes()).await;
+    assert!(c.closed().await);
+    assert_healthy(srv.addr).await;
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_option_magic_disconnects() {
+    let srv = start().await;
+    let mut c = Raw::negotiating(srv.addr).await;
+    let mut h = OptionHeader { option: OPT_GO, length: 0 }.encode();
+    h[0] ^= 0x55;
+    c.send(&h).await;
+    assert!(c.closed().await);
+    assert_healthy(srv.addr).await;
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_option_is_unsupported_and_session_continues() {
+    let srv = start().await;
+    let mut c = Raw::negotiating(srv.addr).await;
+    c.option(999, b"whatever").await;
+    let r = c.option_reply().await;
+    assert_eq!((r.option, r.reply_type), (999, REP_ERR_UNSUP));
+    c.option(OPT_STARTTLS, &[]).await;
+    assert_eq!(c.option_reply().await.reply_type, REP_ERR_UNSUP);
+    // Malformed data of known options: ERR_INVALID, still negotiating.
+    c.option(OPT_STRUCTURED_REPLY, b"x").await;
+    assert_eq!(c.option_reply().await.reply_type, REP_ERR_INVALID);
+    c.option(OPT_GO, &[0, 0, 0, 200, b'a']).await;
+    assert_eq!(c.option_reply().await.reply_type, REP_ERR_INVALID);
+    c.option(OPT_LIST, b"junk").await;
+    assert_eq!(c.option_reply().await.reply_type, REP_ERR_INVALID);
+    // Meta contexts need structured replies first.
+    let meta = MetaContextRequest { export: NAME.into(), queries: vec![BASE_ALLOCATION.into()] };
+    c.option(OPT_SET_META_CONTEXT, &meta.encode()).await;
+    assert_eq!(c.option_reply().await.reply_type, REP_ERR_INVALID);
+    // The session goes on to transmission and serves a read.
+    assert_eq!(c.go(NAME).await, Ok((SIZE, c_flags())));
+    c.request(Command::Read, 0, 7, 0, 512).await;
+    assert_eq!(c.simple_reply().await, (0, 7));
+    srv.stop().await;
+}
+
+fn c_flags() -> u16 {
+    FLAG_HAS_FLAGS
+        | FLAG_SEND_FLUSH
+        | FLAG_SEND_FUA
+        | FLAG_SEND_TRIM
+        | FLAG_SEND_WRITE_ZEROES
+        | FLAG_SEND_FAST_ZERO
+        | FLAG_CAN_MULTI_CONN
+        | FLAG_SEND_CACHE
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_option_length() {
+    let srv = start().await;
+    // Skippable (100 KiB): TOO_BIG, and the session continues.
+    let mut c = Raw::negotiating(srv.addr).await;
+    c.option(OPT_GO, &vec![0u8; 100 << 10]).await;
+    assert_eq!(c.option_reply().await.reply_type, REP_ERR_TOO_BIG);
+    assert!(c.go(NAME).await.is_ok());
+    // Not skippable (4 GiB announced): TOO_BIG, then disconnect.
+    let mut c = Raw::negotiating(srv.addr).await;
+    c.send(&OptionHeader { option: OPT_GO, length: u32::MAX }.encode()).await;
+    assert_eq!(c.option_reply().await.reply_type, REP_ERR_TOO_BIG);
+    assert!(c.closed().await);
+    assert_healthy(srv.addr).await;
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_export_name() {
+    let srv = start().await;
+    // OPT_GO / OPT_INFO: ERR_UNKNOWN and negotiation continues.
+    let mut c = Raw::negotiating(srv.addr).await;
+    assert_eq!(c.go("nope").await, Err(REP_ERR_UNKNOWN));
+    let info = InfoRequest { name: "nope".into(), requests: vec![] };
+    c.option(OPT_INFO, &info.encode()).await;
+    assert_eq!(c.option_reply().await.reply_type, REP_ERR_UNKNOWN);
+    assert!(c.go(NAME).await.is_ok());
+    // OPT_EXPORT_NAME cannot carry an error: the server must hang up.
+    let mut c = Raw::negotiating(srv.addr).await;
+    c.option(OPT_EXPORT_NAME, b"nope").await;
+    assert!(c.closed().await);
+    assert_healthy(srv.addr).await;
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_name_and_abort() {
+    let srv = start().await;
+    // Old-style end of negotiation, without and with the 124 zero bytes.
+    for (flags, len) in
+        [(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES, 10), (FLAG_C_FIXED_NEWSTYLE, 134)]
+    {
+        let mut c = Raw::connect(srv.addr).await;
+        c.send(&flags.to_be_bytes()).await;
+        c.option(OPT_EXPORT_NAME, NAME.as_bytes()).await;
+        let mut reply = vec![0u8; len];
+        c.read_exact(&mut reply).await.unwrap();
+        assert_eq!(u64::from_be_bytes(reply[..8].try_into().unwrap()), SIZE);
+        c.request(Command::Read, 0, 9, 0, 4096).await;
+        assert_eq!(c.simple_reply().await, (0, 9));
+    }
+    let mut c = Raw::negotiating(srv.addr).await;
+    c.option(OPT_ABORT, &[]).await;
+    assert_eq!(c.option_reply().await.reply_type, REP_ACK);
+    assert!(c.closed().await);
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_request_magic_disconnects() {
+    let srv = start().await;
+    let mut c = Raw::ready(srv.addr, false).await;
+    let mut r =
+        Request { flags: 0, command: Command::Read, cookie: 1, offset: 0, length: 512 }.encode();
+    r[3] ^= 1;
+    c.send(&r).await;
+    assert!(c.closed().await);
+    assert_healthy(srv.addr).await;
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncated_request_header_and_payload() {
+    let srv = start().await;
+    let mut c = Raw::ready(srv.addr, false).await;
+    let r =
+        Request { flags: 0, command: Command::Read, cookie: 1, offset: 0, length: 512 }.encode();
+    c.send(&r[..10]).await;
+    drop(c);
+    let mut c = Raw::ready(srv.addr, true).await;
+    c.request(Command::Write, 0, 2, 0, 65536).await;
+    c.send(&[1u8; 1000]).await;
+    drop(c);
+    assert_healthy(srv.addr).await;
+    // The partial write never reached the export.
+    assert_eq!(srv.export.allocated_blocks(), 2);
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_range_requests_get_errors_and_the_connection_keeps_working() {
+    let srv = start().await;
+    for structured in [false, true] {
+        let mut c = Raw::ready(srv.addr, structured).await;
+        let cases: [(Command, u64, u32, u32); 6] = [
+            (Command::Read, SIZE, 512, errno::EINVAL),
+            (Command::Read, SIZE - 512, 1024, errno::EINVAL),
+            (Command::Read, u64::MAX - 10, 512, errno::EINVAL),
+            (Command::Trim, SIZE, 4096, errno::EINVAL),
+            (Command::WriteZeroes, SIZE - 4096, 8192, errno::ENOSPC),
+            (Command::Cache, SIZE + 1, 1, errno::EINVAL),
+        ];
+        for (i, (cmd, off, len, want)) in cases.into_iter().enumerate() {
+            c.request(cmd, 0, i as u64, off, len).await;
+            let (error, cookie, _, _) = c.any_reply().await;
+            assert_eq!((error, cookie), (want, i as u64), "{cmd:?} {off}+{len}");
+        }
+        // WRITE past the end: ENOSPC, the payload is consumed, the stream stays in sync.
+        c.request(Command::Write, 0, 50, SIZE - 100, 200).await;
+        c.send(&[9u8; 200]).await;
+        assert_eq!(c.any_reply().await.0, errno::ENOSPC);
+        // Over the limit: READ is refused, connection stays.
+        c.request(Command::Read, 0, 51, 0, 64 << 20).await;
+        assert_eq!(c.any_reply().await.0, errno::EINVAL);
+        // Unknown command and bad flags: EINVAL.
+        c.request(Command::Unknown(99), 0, 52, 0, 0).await;
+        assert_eq!(c.any_reply().await.0, errno::EINVAL);
+        c.request(Command::Flush, 1 << 9, 53, 0, 0).await;
+        assert_eq!(c.any_reply().await.0, errno::EINVAL);
+        c.request(Command::WriteZeroes, CMD_FLAG_FAST_ZERO, 54, 0, 4096).await;
+        assert_eq!(c.any_reply().await.0, errno::ENOTSUP);
+        // No metadata context negotiated: block status is EINVAL.
+        c.request(Command::BlockStatus, 0, 55, 0, 4096).await;
+        assert_eq!(c.any_reply().await.0, errno::EINVAL);
+        // A valid read on the same connection still works.
+        c.request(Command::Read, 0, 56, 0, 4096).await;
+        let (error, cookie, payload, ty) = c.any_reply().await;
+        assert_eq!((error, cookie), (0, 56));
+        if structured {
+            assert_eq!(ty, REPLY_TYPE_OFFSET_DATA);
+            assert_eq!(payload.len(), 8 + 4096);
+        } else {
+            let mut data = vec![0u8; 4096];
+            c.read_exact(&mut data).await.unwrap();
+        }
+    }
+    assert_eq!(srv.export.allocated_blocks(), 0, "an erroring write reached the export");
+    assert_healthy(srv.addr).await;
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_write_is_refused_and_disconnects() {
+    let srv = start().await;
+    let mut c = Raw::ready(srv.addr, false).await;
+    c.request(Command::Write, 0, 1, 0, 64 << 20).await;
+    assert_eq!(c.simple_reply().await, (errno::EINVAL, 1));
+    assert!(c.closed().await);
+    assert_healthy(srv.addr).await;
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_status_with_base_allocation() {
+    let srv = start().await;
+    let mut c = Raw::negotiating(srv.addr).await;
+    c.structured().await;
+    let list = MetaContextRequest { export: NAME.into(), queries: vec!["base:".into()] };
+    c.option(OPT_LIST_META_CONTEXT, &list.encode()).await;
+    let replies = c.option_replies().await;
+    assert_eq!(replies.len(), 2);
+    assert_eq!(&replies[0].data[4..], BASE_ALLOCATION.as_bytes());
+    let set = MetaContextRequest {
+        export: NAME.into(),
+        queries: vec!["x-other:thing".into(), BASE_ALLOCATION.into()],
+    };
+    c.option(OPT_SET_META_CONTEXT, &set.encode()).await;
+    let replies = c.option_replies().await;
+    assert_eq!(replies[0].reply_type, REP_META_CONTEXT);
+    let id = u32::from_be_bytes(replies[0].data[..4].try_into().unwrap());
+    assert!(c.go(NAME).await.is_ok());
+    // 8 KiB of data at 64 KiB.
+    c.request(Command::Write, 0, 1, 65536, 8192).await;
+    c.send(&[3u8; 8192]).await;
+    assert_eq!(c.any_reply().await.0, 0);
+    c.request(Command::BlockStatus, 0, 2, 0, 1 << 20).await;
+    let (error, _, payload, ty) = c.any_reply().await;
+    assert_eq!((error, ty), (0, REPLY_TYPE_BLOCK_STATUS));
+    let header = ChunkHeader { flags: 1, chunk_type: ty, cookie: 2, length: payload.len() as u32 };
+    let Chunk::BlockStatus { context_id, descriptors } = Chunk::decode(&header, &payload).unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(context_id, id);
+    let d: Vec<_> = descriptors.iter().map(|d| (d.length, d.flags)).collect();
+    assert_eq!(d[..2], [(65536, STATE_HOLE | STATE_ZERO), (8192, 0)]);
+    // REQ_ONE: exactly one descriptor, within the request.
+    c.request(Command::BlockStatus, CMD_FLAG_REQ_ONE, 3, 0, 1000).await;
+    let (_, _, payload, _) = c.any_reply().await;
+    assert_eq!(payload.len(), 4 + 8);
+    assert_eq!(u32::from_be_bytes(payload[4..8].try_into().unwrap()), 1000);
+    srv.stop().await;
+}
+
+/// Many requests in flight on one connection; every reply arrives with its cookie.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_all_answered() {
+    let srv = start().await;
+    let mut c = Raw::ready(srv.addr, true).await;
+    let n = 300u64;
+    let writer = async {
+        for i in 0..n {
+            c.request(Command::Write, 0, i, i * 4096, 4096).await;
+            c.send(&[i as u8; 4096]).await;
+        }
+    };
+    writer.await;
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..n {
+        let (error, cookie, _, _) = c.any_reply().await;
+        assert_eq!(error, 0);
+        assert!(seen.insert(cookie));
+    }
+    for i in 0..n {
+        c.request(Command::Read, 0, 1000 + i, i * 4096, 4096).await;
+    }
+    for _ in 0..n {
+        let (error, cookie, payload, _) = c.any_reply().await;
+        assert_eq!(error, 0);
+        let i = cookie - 1000;
+        assert!(payload[8..].iter().all(|&b| b == i as u8));
+        assert_eq!(u64::from_be_bytes(payload[..8].try_into().unwrap()), i * 4096);
+    }
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_connections_and_returns() {
+    let srv = start().await;
+    let mut idle = Raw::ready(srv.addr, false).await;
+    let mut negotiating = Raw::negotiating(srv.addr).await;
+    srv.shutdown.cancel();
+    tokio::time::timeout(TIMEOUT, srv.handle).await.unwrap().unwrap().unwrap();
+    assert!(idle.closed().await);
+    assert!(negotiating.closed().await);
+}

@@ -49,11 +49,11 @@ pub fn to_status(e: EngineError) -> Status {
             PoolError::NoSpace { .. } | PoolError::MetadataFull { .. } => Code::ResourceExhausted,
             PoolError::InvalidArgument(_) | PoolError::OutOfRange { .. } => Code::InvalidArgument,
             PoolError::ShrinkRefused { .. }
-            | PoolError::SnapshotInUse { .. }
             | PoolError::Corrupt { .. }
+            | PoolError::Truncated { .. }
             | PoolError::BadSuperblock { .. }
             | PoolError::UnsupportedVersion { .. } => Code::FailedPrecondition,
-            PoolError::Closed => Code::Unavailable,
+            PoolError::Closed | PoolError::Failed => Code::Unavailable,
             _ => Code::Internal,
         },
     };
@@ -73,7 +73,7 @@ fn parse_size(field: &'static str, bytes: u64) -> Result<ByteSize, EngineError> 
     if bytes == 0 {
         return Err(EngineError::invalid(field, "must be greater than zero"));
     }
-    if bytes % SECTOR != 0 {
+    if !bytes.is_multiple_of(SECTOR) {
         return Err(EngineError::invalid(field, format!("{bytes} is not a multiple of {SECTOR}")));
     }
     Ok(ByteSize::b(bytes))

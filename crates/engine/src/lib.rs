@@ -14,6 +14,9 @@
 //! then the servers start and registration runs beside them, never blocking them. Shutdown
 //! stops the servers, then flushes every nexus and closes every pool, each step bounded in time.
 
+// Tests may unwrap: a panic there is a test failure with a backtrace.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 mod args;
 mod engine;
 mod error;
@@ -43,7 +46,7 @@ pub use share::{Shares, nexus_export_name, replica_export_name};
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// How long the servers get to finish in-flight requests at shutdown.
-const SERVER_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+const SERVER_STOP_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long flushing nexuses and closing pools may take at shutdown.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Upper bound for one gRPC request (pool creation formats a disk, so not short).
@@ -160,10 +163,12 @@ impl RunningEngine {
     pub async fn wait(mut self) -> anyhow::Result<()> {
         let mut failure = None;
         tokio::select! {
+            biased;
             () = self.stop.cancelled() => {}
             Some(ended) = self.tasks.join_next() => {
-                // A server ending on its own is a failure: stop the rest.
-                failure = Some(match ended {
+                // A server ending on its own (not because it was told to stop) is a failure:
+                // stop the rest. Both may be ready at once when shutdown races a server's exit.
+                failure = (!self.stop.is_cancelled()).then(|| match ended {
                     Ok((name, Ok(()))) => anyhow::anyhow!("{name} stopped unexpectedly"),
                     Ok((_, Err(e))) => e,
                     Err(e) => anyhow::anyhow!("a server task panicked: {e}"),

@@ -135,8 +135,5 @@ pub(crate) async fn serve_nbd(
     shares: Arc<Shares>,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<()> {
-    // TEMP until trireme_nbd::serve_tcp lands.
-    let _ = (listener, shares);
-    shutdown.cancelled().await;
-    Ok(())
+    trireme_nbd::serve_tcp(listener, shares, trireme_nbd::ServerConfig::default(), shutdown).await
 }

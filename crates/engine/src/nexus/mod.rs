@@ -285,7 +285,7 @@ impl Export for Nexus {
         let mut data = Some(data);
         let ops = writers.into_iter().enumerate().map(|(i, child)| {
             // The last child takes the original buffer; the others get copies.
-            let buf = if i == last { data.take() } else { data.as_ref().map(IoBuf::clone) };
+            let buf = if i == last { data.take() } else { data.clone() };
             async move {
                 let result = match buf {
                     Some(buf) => child.write(offset, buf, fua).await,

@@ -433,6 +433,26 @@ impl Cluster {
         self.wait_ready().await;
     }
 
+    /// Starts a new `up` on the same data dir and waits only until the API answers `/readyz`
+    /// (for tests where some node or pool is expected to stay unhealthy).
+    pub async fn restart_api_only(&mut self) {
+        assert!(self.up.is_none(), "restart_api_only() needs a stopped cluster");
+        self.spawn_up();
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let client = self.client();
+        loop {
+            assert!(self.up_running(), "`trireme up` exited during restart");
+            if client.ready().await.is_ok() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the API did not answer /readyz within {READY_TIMEOUT:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
     /// Kills everything without ceremony (also what Drop does).
     pub fn kill_all(&mut self) {
         let mut victims = self.children();

@@ -1,0 +1,224 @@
+//! Reconcilers: small pollers that bring the engines to the spec.
+//!
+//! ```text
+//!            timer (--reconcile-secs) ─┐
+//!   Registry::wake() (REST, register) ─┼─> pass:
+//!                                      │     1. observe   every online node (List*, bounded)
+//!                                      │     2. pools     create/import missing, finish deleting
+//!                                      │     3. volumes   finish creating / resizing / deleting
+//!                                      │     4. nexuses   create for published volumes
+//!                                      │     5. orphans   destroy_orphaned nexuses and replicas
+//!                                      └─> pass_done() (publish waiters re-check)
+//! ```
+//!
+//! Every engine call is bounded by the engine timeout, so one pass is bounded too. After a
+//! restart of any process the same pass does the right thing: an engine that restarted has
+//! re-imported its pools but lost its nexuses (step 4 recreates them); a control that
+//! restarted reloaded the spec from the store and observes before acting.
+//! Failures become events, once per distinct failure (not once per pass).
+
+mod nexus;
+mod pool;
+mod volume;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use trireme_rpc as rpc;
+use trireme_types::{NodeId, ReplicaId, VolumeId};
+
+use crate::events::Kind;
+use crate::registry::{Observation, Registry};
+
+/// The reconciler's memory between passes (never persisted).
+#[derive(Debug, Default)]
+pub struct Reconciler {
+    /// The last failure reported per subject, so a failure is an event once, not every pass.
+    failures: HashMap<String, String>,
+    pool_states: HashMap<trireme_types::PoolId, trireme_api::PoolState>,
+    volume_states: HashMap<VolumeId, trireme_types::VolumeState>,
+}
+
+/// Runs passes until cancelled.
+pub async fn run(registry: Arc<Registry>, period: Duration, cancel: CancellationToken) {
+    let mut rec = Reconciler::default();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = rec.pass(&registry) => {}
+        }
+        registry.pass_done();
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tokio::time::sleep(period) => {}
+            _ = registry.woken() => {}
+        }
+    }
+}
+
+/// Marks nodes offline when their heartbeats stop, until cancelled.
+pub async fn watch_liveness(registry: Arc<Registry>, cancel: CancellationToken) {
+    let tick =
+        (registry.node_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tokio::time::sleep(tick) => registry.check_liveness().await,
+        }
+    }
+}
+
+impl Reconciler {
+    pub async fn pass(&mut self, reg: &Registry) {
+        self.observe(reg).await;
+        self.pools(reg).await;
+        self.volumes(reg).await;
+        self.nexuses(reg).await;
+        self.destroy_orphaned(reg).await;
+        self.state_events(reg).await;
+    }
+
+    /// Reports a failure of `subject` once until it changes or clears.
+    async fn failed(
+        &mut self,
+        reg: &Registry,
+        kind: Kind,
+        id: &str,
+        subject: String,
+        err: impl std::fmt::Display,
+    ) {
+        let msg = err.to_string();
+        if self.failures.get(&subject) != Some(&msg) {
+            reg.events().record(kind, id, "reconcile_failed", format!("{subject}: {msg}")).await;
+            self.failures.insert(subject, msg);
+        }
+    }
+
+    fn succeeded(&mut self, subject: &str) {
+        self.failures.remove(subject);
+    }
+
+    /// Step 1: what every online engine holds.
+    async fn observe(&mut self, reg: &Registry) {
+        let nodes: Vec<(NodeId, String)> = {
+            let st = reg.state.read();
+            st.nodes
+                .values()
+                .filter(|n| n.online)
+                .map(|n| (n.record.id.clone(), n.record.grpc_endpoint.clone()))
+                .collect()
+        };
+        let results =
+            futures::future::join_all(nodes.iter().map(|(id, ep)| observe_node(reg, id, ep))).await;
+        for ((id, _), result) in nodes.into_iter().zip(results) {
+            let subject = format!("observing node {id}");
+            match result {
+                Ok(obs) => {
+                    self.succeeded(&subject);
+                    let mut st = reg.state.write();
+                    // The node may have gone offline while we asked; its answer is still the
+                    // freshest we have, but offline nodes keep no observation.
+                    if !st.node_online(&id) {
+                        continue;
+                    }
+                    for entry in st.pools.values_mut().filter(|p| p.record.node == id) {
+                        entry.observed = obs.pools.get(entry.record.id.as_str()).cloned();
+                    }
+                    st.observed.insert(id, obs);
+                }
+                Err(e) => self.failed(reg, Kind::Node, id.as_str(), subject, e).await,
+            }
+        }
+    }
+
+    /// Events for pool and volume state changes seen in this pass.
+    async fn state_events(&mut self, reg: &Registry) {
+        let (pools, volumes) = {
+            let st = reg.state.read();
+            let pools: Vec<_> =
+                st.pools.values().map(|p| crate::registry::view::pool(&st, p)).collect();
+            let volumes: Vec<_> =
+                st.volumes.values().map(|v| crate::registry::view::volume(&st, v)).collect();
+            (pools, volumes)
+        };
+        for p in pools {
+            let prev = self.pool_states.insert(p.id.clone(), p.status.state);
+            if prev != Some(p.status.state)
+                && (prev.is_some() || p.status.state != trireme_api::PoolState::Unknown)
+            {
+                let state = serde_json::to_value(p.status.state)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                let why = p.status.error.map(|e| format!(": {e}")).unwrap_or_default();
+                reg.events()
+                    .record(
+                        Kind::Pool,
+                        &p.id,
+                        &format!("pool_{state}"),
+                        format!("pool {} is {state}{why}", p.id),
+                    )
+                    .await;
+            }
+        }
+        for v in volumes {
+            let prev = self.volume_states.insert(v.id, v.status.state);
+            if prev.is_some_and(|s| s != v.status.state) {
+                reg.events()
+                    .record(
+                        Kind::Volume,
+                        v.id,
+                        &format!("volume_{}", v.status.state),
+                        format!("volume {} is {}", v.name, v.status.state),
+                    )
+                    .await;
+            }
+        }
+    }
+}
+
+/// Lists everything on one node; each call bounded by the engine timeout.
+async fn observe_node(
+    reg: &Registry,
+    id: &NodeId,
+    endpoint: &str,
+) -> Result<Observation, crate::engine_client::EngineError> {
+    let mut client = reg.engines.client(id, endpoint)?;
+    let pools =
+        reg.engines.call(id, "ListPools", client.list_pools(rpc::ListPoolsRequest {})).await?;
+    let replicas = reg
+        .engines
+        .call(id, "ListReplicas", client.list_replicas(rpc::ListReplicasRequest {}))
+        .await?;
+    let nexuses = reg
+        .engines
+        .call(id, "ListNexuses", client.list_nexuses(rpc::ListNexusesRequest {}))
+        .await?;
+    let mut obs = Observation::default();
+    for p in pools.pools {
+        obs.pools.insert(p.name.clone(), p);
+    }
+    for r in replicas.replicas {
+        match r.uuid.parse::<ReplicaId>() {
+            Ok(rid) => {
+                obs.replicas.insert(rid, r);
+            }
+            Err(_) => {
+                tracing::warn!(node = %id, uuid = %r.uuid, "engine reported a replica with an invalid uuid")
+            }
+        }
+    }
+    for n in nexuses.nexuses {
+        match n.volume_uuid.parse::<VolumeId>() {
+            Ok(vid) => {
+                obs.nexuses.insert(vid, n);
+            }
+            Err(_) => {
+                tracing::warn!(node = %id, uuid = %n.volume_uuid, "engine reported a nexus with an invalid volume uuid")
+            }
+        }
+    }
+    Ok(obs)
+}

@@ -1,0 +1,170 @@
+//! Nexuses and orphans: every published volume has its nexus on its publish node; every
+//! nexus or replica an engine holds for a volume the store does not own is destroyed.
+//!
+//! The orphan rule for replicas is deliberately narrow, because destroying one loses data: a
+//! replica is destroyed only if no volume in the store lists it AND the volume it names
+//! (`volume_uuid`) is one this store deleted (a tombstone) or still has (a replaced replica).
+//! Replicas of volumes this store never knew — e.g. after the store was lost — are left alone.
+
+use trireme_rpc as rpc;
+use trireme_types::{NodeId, ReplicaId, VolumeId};
+
+use super::Reconciler;
+use crate::events::Kind;
+use crate::registry::Registry;
+use crate::registry::records::VolumePhase;
+use crate::registry::volumes::replica_uri;
+
+impl Reconciler {
+    /// Step 4: create the nexus of every published volume whose node does not report it.
+    pub(super) async fn nexuses(&mut self, reg: &Registry) {
+        let todo: Vec<VolumeId> = {
+            let st = reg.state.read();
+            st.volumes
+                .values()
+                .filter(|v| v.phase == VolumePhase::Ready)
+                .filter(|v| {
+                    v.publish.as_ref().is_some_and(|n| {
+                        st.node_online(n)
+                            && st.observed.get(n).is_some_and(|o| !o.nexuses.contains_key(&v.id))
+                    })
+                })
+                .map(|v| v.id)
+                .collect()
+        };
+        for id in todo {
+            let subject = format!("nexus of volume {id}");
+            match create_nexus(reg, id).await {
+                Ok(()) => self.succeeded(&subject),
+                Err(e) => self.failed(reg, Kind::Nexus, &id.to_string(), subject, e).await,
+            }
+        }
+    }
+
+    /// Step 5: destroy what engines hold for volumes that no longer want it.
+    pub(super) async fn destroy_orphaned(&mut self, reg: &Registry) {
+        let (nexuses, replicas) = {
+            let st = reg.state.read();
+            let mut nexuses: Vec<(NodeId, VolumeId)> = Vec::new();
+            let mut replicas: Vec<(NodeId, ReplicaId)> = Vec::new();
+            for (node, obs) in &st.observed {
+                if !st.node_online(node) {
+                    continue;
+                }
+                for vid in obs.nexuses.keys() {
+                    let wanted =
+                        st.volumes.get(vid).is_some_and(|v| v.publish.as_ref() == Some(node));
+                    if !wanted {
+                        nexuses.push((node.clone(), *vid));
+                    }
+                }
+                for (rid, rep) in &obs.replicas {
+                    if st.replica_owner(rid).is_some() {
+                        continue;
+                    }
+                    let Ok(owner) = rep.volume_uuid.parse::<VolumeId>() else { continue };
+                    if !st.tombstones.contains(&owner) && !st.volumes.contains_key(&owner) {
+                        continue;
+                    }
+                    replicas.push((node.clone(), *rid));
+                }
+            }
+            (nexuses, replicas)
+        };
+        for (node, vid) in nexuses {
+            // Re-check under the volume lock: a publish may have claimed it meanwhile.
+            let _guard = reg.lock_volume(vid).await;
+            if reg.volume_record(&vid).is_some_and(|v| v.publish.as_ref() == Some(&node)) {
+                continue;
+            }
+            let subject = format!("orphaned nexus of volume {vid} on node {node}");
+            match reg.destroy_nexus(&node, vid).await {
+                Ok(()) => {
+                    self.succeeded(&subject);
+                    reg.events()
+                        .record(Kind::Nexus, vid, "orphan_destroyed", format!("destroyed the nexus of volume {vid} on node {node}: not published there"))
+                        .await;
+                }
+                Err(e) => self.failed(reg, Kind::Nexus, &vid.to_string(), subject, e).await,
+            }
+        }
+        for (node, rid) in replicas {
+            if reg.state.read().replica_owner(&rid).is_some() {
+                continue; // claimed since the observation
+            }
+            let subject = format!("orphaned replica {rid} on node {node}");
+            match destroy_replica(reg, &node, rid).await {
+                Ok(()) => {
+                    self.succeeded(&subject);
+                    reg.events()
+                        .record(
+                            Kind::Replica,
+                            rid,
+                            "orphan_destroyed",
+                            format!("destroyed replica {rid} on node {node}: no volume owns it"),
+                        )
+                        .await;
+                }
+                Err(e) => self.failed(reg, Kind::Replica, &rid.to_string(), subject, e).await,
+            }
+        }
+    }
+}
+
+/// Creates a volume's nexus over its local replicas and records what the engine reports.
+async fn create_nexus(reg: &Registry, id: VolumeId) -> Result<(), crate::ControlError> {
+    let _guard = reg.lock_volume(id).await;
+    let Some(record) = reg.volume_record(&id) else { return Ok(()) };
+    let Some(node) = record.publish.clone() else { return Ok(()) };
+    let Some(endpoint) = reg.state.read().online_endpoint(&node) else { return Ok(()) };
+    let children: Vec<rpc::ChildSpec> = record
+        .replicas
+        .iter()
+        .filter(|r| r.node == node)
+        .map(|r| rpc::ChildSpec { uri: replica_uri(r), replica_uuid: r.id.to_string() })
+        .collect();
+    let mut client = reg.engines.client(&node, &endpoint)?;
+    let req = rpc::CreateNexusRequest {
+        volume_uuid: id.to_string(),
+        size_bytes: record.size.bytes(),
+        children,
+    };
+    let nexus = reg.engines.call(&node, "CreateNexus", client.create_nexus(req)).await?;
+    let uri = nexus.share_uri.clone();
+    reg.state.write().observed.entry(node.clone()).or_default().nexuses.insert(id, nexus);
+    reg.events()
+        .record(
+            Kind::Volume,
+            id,
+            "published",
+            format!("volume {} is published on node {node} at {uri}", record.name),
+        )
+        .await;
+    Ok(())
+}
+
+async fn destroy_replica(
+    reg: &Registry,
+    node: &NodeId,
+    rid: ReplicaId,
+) -> Result<(), crate::engine_client::EngineError> {
+    let Some(endpoint) = reg.state.read().online_endpoint(node) else { return Ok(()) };
+    let mut client = reg.engines.client(node, &endpoint)?;
+    match reg
+        .engines
+        .call(
+            node,
+            "DestroyReplica",
+            client.destroy_replica(rpc::DestroyReplicaRequest { uuid: rid.to_string() }),
+        )
+        .await
+    {
+        Ok(_) => {}
+        Err(e) if e.is_not_found() => {}
+        Err(e) => return Err(e),
+    }
+    if let Some(o) = reg.state.write().observed.get_mut(node) {
+        o.replicas.remove(&rid);
+    }
+    Ok(())
+}

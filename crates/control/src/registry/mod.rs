@@ -1,0 +1,233 @@
+//! The registry: every node, pool, volume (with its replicas and nexus) as a persisted spec
+//! plus what was last observed on the engines.
+//!
+//! ```text
+//!   REST / gRPC ──> Registry ── spec ──> store (write first) ──> in-memory cache
+//!                      ▲
+//!   reconciler ── observations (ListPools/ListReplicas/ListNexuses per node)
+//! ```
+//!
+//! The store is the truth for specs; the cache mirrors it (one control instance per store for
+//! now) and holds observations, which are never persisted. Locks: `state` is a short-held
+//! `parking_lot` lock never held across an await; mutations of one volume are serialised by a
+//! per-volume async lock, and creations by `create_lock` so that two creates cannot both
+//! spend the same free space.
+
+pub mod nodes;
+pub mod pools;
+pub mod records;
+pub mod view;
+pub mod volumes;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, watch};
+use trireme_rpc as rpc;
+use trireme_store::Store;
+use trireme_types::{NodeId, PoolId, ReplicaId, VolumeId};
+
+pub use records::RecordError;
+use records::{NodeRecord, PoolRecord, VolumeRecord};
+
+use crate::ControlError;
+use crate::engine_client::Engines;
+use crate::events::EventLog;
+
+/// A node as known to control: its persisted record and its liveness.
+#[derive(Debug, Clone)]
+pub struct NodeEntry {
+    pub record: NodeRecord,
+    pub last_seen: Option<Instant>,
+    pub last_seen_ms: u64,
+    pub online: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct PoolEntry {
+    pub record: PoolRecord,
+    /// The pool as its engine last reported it; `None` when not observed (yet).
+    pub observed: Option<rpc::Pool>,
+}
+
+/// What one node's engine last reported.
+#[derive(Debug, Clone, Default)]
+pub struct Observation {
+    pub pools: HashMap<String, rpc::Pool>,
+    pub replicas: HashMap<ReplicaId, rpc::Replica>,
+    pub nexuses: HashMap<VolumeId, rpc::Nexus>,
+}
+
+#[derive(Debug, Default)]
+pub struct State {
+    pub nodes: BTreeMap<NodeId, NodeEntry>,
+    pub pools: BTreeMap<PoolId, PoolEntry>,
+    pub volumes: BTreeMap<VolumeId, VolumeRecord>,
+    pub observed: HashMap<NodeId, Observation>,
+    /// Volumes this store deleted.
+    pub tombstones: HashSet<VolumeId>,
+}
+
+impl State {
+    pub fn node_online(&self, id: &NodeId) -> bool {
+        self.nodes.get(id).is_some_and(|n| n.online)
+    }
+
+    /// The engine endpoint of an online node.
+    pub fn online_endpoint(&self, id: &NodeId) -> Option<String> {
+        self.nodes.get(id).filter(|n| n.online).map(|n| n.record.grpc_endpoint.clone())
+    }
+
+    /// The replica (and its owner) with this id, if a volume owns it.
+    pub fn replica_owner(&self, id: &ReplicaId) -> Option<&VolumeRecord> {
+        self.volumes.values().find(|v| v.owns_replica(id))
+    }
+}
+
+pub struct Registry {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) state: parking_lot::RwLock<State>,
+    pub(crate) events: EventLog,
+    pub(crate) engines: Engines,
+    pub(crate) node_timeout: Duration,
+    create_lock: tokio::sync::Mutex<()>,
+    volume_locks: parking_lot::Mutex<HashMap<VolumeId, Arc<tokio::sync::Mutex<()>>>>,
+    wake: Notify,
+    /// Bumped after every reconcile pass, so waiters (publish) re-check observations.
+    passes: watch::Sender<u64>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").field("store", &self.store).finish_non_exhaustive()
+    }
+}
+
+impl Registry {
+    /// Loads every spec from the store. Nodes start offline until they heartbeat.
+    pub async fn load(
+        store: Arc<dyn Store>,
+        node_timeout: Duration,
+        engine_timeout: Duration,
+    ) -> Result<Self, ControlError> {
+        let mut state = State::default();
+        for (key, v) in store.list(records::NODES).await? {
+            let record: NodeRecord = records::decode(&key, &v.value)?;
+            state.nodes.insert(
+                record.id.clone(),
+                NodeEntry { record, last_seen: None, last_seen_ms: 0, online: false },
+            );
+        }
+        for (key, v) in store.list(records::POOLS).await? {
+            let record: PoolRecord = records::decode(&key, &v.value)?;
+            state.pools.insert(record.id.clone(), PoolEntry { record, observed: None });
+        }
+        for (key, v) in store.list(records::VOLUMES).await? {
+            let record: VolumeRecord = records::decode(&key, &v.value)?;
+            state.volumes.insert(record.id, record);
+        }
+        for (key, _) in store.list(records::TOMBSTONES).await? {
+            if let Ok(id) = key.trim_start_matches(records::TOMBSTONES).parse::<VolumeId>() {
+                state.tombstones.insert(id);
+            }
+        }
+        let events = EventLog::load(store.clone(), crate::events::RETAINED).await?;
+        Ok(Self {
+            store,
+            state: parking_lot::RwLock::new(state),
+            events,
+            engines: Engines::new(engine_timeout),
+            node_timeout,
+            create_lock: tokio::sync::Mutex::new(()),
+            volume_locks: parking_lot::Mutex::new(HashMap::new()),
+            wake: Notify::new(),
+            passes: watch::channel(0).0,
+        })
+    }
+
+    pub fn events(&self) -> &EventLog {
+        &self.events
+    }
+
+    /// Asks the reconciler for a pass now.
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    pub(crate) async fn woken(&self) {
+        self.wake.notified().await;
+    }
+
+    pub(crate) fn pass_done(&self) {
+        self.passes.send_modify(|n| *n += 1);
+    }
+
+    pub(crate) fn subscribe_passes(&self) -> watch::Receiver<u64> {
+        self.passes.subscribe()
+    }
+
+    pub(crate) async fn lock_create(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.create_lock.lock().await
+    }
+
+    pub(crate) fn try_lock_create(
+        &self,
+    ) -> Result<tokio::sync::MutexGuard<'_, ()>, tokio::sync::TryLockError> {
+        self.create_lock.try_lock()
+    }
+
+    /// Serialises mutations of one volume (REST and reconciler alike).
+    pub(crate) async fn lock_volume(&self, id: VolumeId) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = self.volume_locks.lock().entry(id).or_default().clone();
+        lock.lock_owned().await
+    }
+
+    fn forget_volume_lock(&self, id: &VolumeId) {
+        self.volume_locks.lock().remove(id);
+    }
+
+    /// Persists a volume record, then mirrors it in the cache.
+    pub(crate) async fn save_volume(&self, record: &VolumeRecord) -> Result<(), ControlError> {
+        let key = records::volume_key(&record.id);
+        self.store.put(&key, records::encode(&key, record)?).await?;
+        self.state.write().volumes.insert(record.id, record.clone());
+        Ok(())
+    }
+
+    pub(crate) async fn remove_volume(&self, record: &VolumeRecord) -> Result<(), ControlError> {
+        let txn = trireme_store::Txn::new()
+            .delete(records::volume_key(&record.id))
+            .delete(records::volume_name_key(&record.name))
+            .put(
+                records::tombstone_key(&record.id),
+                crate::events::now_ms().to_string().into_bytes(),
+            );
+        self.store.txn(txn).await?;
+        let mut st = self.state.write();
+        st.volumes.remove(&record.id);
+        st.tombstones.insert(record.id);
+        drop(st);
+        self.forget_volume_lock(&record.id);
+        Ok(())
+    }
+
+    pub(crate) async fn save_pool(&self, record: &PoolRecord) -> Result<(), ControlError> {
+        let key = records::pool_key(&record.id);
+        self.store.put(&key, records::encode(&key, record)?).await?;
+        let mut st = self.state.write();
+        let observed = st.pools.get(&record.id).and_then(|p| p.observed.clone());
+        st.pools.insert(record.id.clone(), PoolEntry { record: record.clone(), observed });
+        Ok(())
+    }
+
+    pub(crate) async fn save_node(&self, record: &NodeRecord) -> Result<(), ControlError> {
+        let key = records::node_key(&record.id);
+        self.store.put(&key, records::encode(&key, record)?).await?;
+        Ok(())
+    }
+
+    pub fn volume_record(&self, id: &VolumeId) -> Option<VolumeRecord> {
+        self.state.read().volumes.get(id).cloned()
+    }
+}

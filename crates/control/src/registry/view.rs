@@ -1,0 +1,178 @@
+//! The REST resources, derived from spec (records) and status (observations). Pure functions of
+//! [`State`], so what a client sees is always one consistent snapshot.
+
+use trireme_api::{
+    Child, Node, NodeSpec, NodeStatus, Pool, PoolSpec, PoolState, PoolStatus, Replica,
+    ReplicaState, ReplicaStatus, Target, Volume, VolumeSpec, VolumeStatus,
+};
+use trireme_rpc as rpc;
+use trireme_types::{ByteSize, ChildState, FaultReason, NexusState, NodeState, VolumeState};
+
+use super::records::{ReplicaRecord, VolumeRecord};
+use super::{NodeEntry, PoolEntry, State};
+
+pub fn node(entry: &NodeEntry) -> Node {
+    let r = &entry.record;
+    let state = match (entry.online, r.draining, r.cordoned) {
+        (false, _, _) => NodeState::Offline,
+        (true, true, _) => NodeState::Draining,
+        (true, false, true) => NodeState::Cordoned,
+        (true, false, false) => NodeState::Online,
+    };
+    Node {
+        id: r.id.clone(),
+        spec: NodeSpec { cordoned: r.cordoned, draining: r.draining },
+        status: NodeStatus {
+            state,
+            grpc_endpoint: r.grpc_endpoint.clone(),
+            nbd_endpoint: r.nbd_endpoint.clone(),
+            version: r.engine_version.clone(),
+            last_seen_ms: entry.last_seen_ms,
+        },
+    }
+}
+
+pub fn pool_state(p: &rpc::Pool) -> PoolState {
+    match rpc::PoolState::try_from(p.state) {
+        Ok(rpc::PoolState::Online) => PoolState::Online,
+        Ok(rpc::PoolState::Degraded) => PoolState::Degraded,
+        Ok(rpc::PoolState::Faulted) => PoolState::Faulted,
+        _ => PoolState::Unknown,
+    }
+}
+
+pub fn pool(st: &State, entry: &PoolEntry) -> Pool {
+    let r = &entry.record;
+    let observed = entry.observed.as_ref().filter(|_| st.node_online(&r.node));
+    let status = match observed {
+        Some(p) => PoolStatus {
+            state: pool_state(p),
+            capacity: ByteSize::b(p.capacity_bytes),
+            used: ByteSize::b(p.used_bytes),
+            free: ByteSize::b(p.capacity_bytes.saturating_sub(p.used_bytes)),
+            replicas: p.replica_count,
+            error: (!p.error.is_empty()).then(|| p.error.clone()),
+        },
+        None => PoolStatus {
+            state: PoolState::Unknown,
+            capacity: ByteSize::ZERO,
+            used: ByteSize::ZERO,
+            free: ByteSize::ZERO,
+            replicas: 0,
+            error: None,
+        },
+    };
+    Pool {
+        id: r.id.clone(),
+        spec: PoolSpec { node: r.node.clone(), disk: r.disk.clone(), size: r.size },
+        status,
+    }
+}
+
+fn fault_reason(s: &str) -> FaultReason {
+    serde_json::from_value(serde_json::Value::String(s.to_owned())).unwrap_or(FaultReason::IoError)
+}
+
+pub fn child_state(c: &rpc::Child) -> ChildState {
+    match rpc::ChildState::try_from(c.state) {
+        Ok(rpc::ChildState::Online) => ChildState::Online,
+        Ok(rpc::ChildState::Rebuilding) => ChildState::Rebuilding {
+            done_bytes: c.rebuild_done_bytes,
+            total_bytes: c.rebuild_total_bytes,
+        },
+        Ok(rpc::ChildState::Faulted) => {
+            ChildState::Faulted { reason: fault_reason(&c.fault_reason) }
+        }
+        // An engine that does not say is not trusted with reads.
+        _ => ChildState::Faulted { reason: FaultReason::Missing },
+    }
+}
+
+fn nexus_state(n: &rpc::Nexus) -> NexusState {
+    match rpc::NexusState::try_from(n.state) {
+        Ok(rpc::NexusState::Online) => NexusState::Online,
+        Ok(rpc::NexusState::Degraded) => NexusState::Degraded,
+        Ok(rpc::NexusState::Faulted) => NexusState::Faulted,
+        _ => {
+            NexusState::from_children(n.children.iter().map(child_state).collect::<Vec<_>>().iter())
+        }
+    }
+}
+
+/// The volume's nexus as observed on its publish node, if that node is online.
+pub fn observed_nexus<'a>(st: &'a State, v: &VolumeRecord) -> Option<&'a rpc::Nexus> {
+    let node = v.publish.as_ref()?;
+    if !st.node_online(node) {
+        return None;
+    }
+    st.observed.get(node)?.nexuses.get(&v.id)
+}
+
+pub fn replica(st: &State, v: &VolumeRecord, r: &ReplicaRecord) -> Replica {
+    let observed = st.observed.get(&r.node).filter(|_| st.node_online(&r.node));
+    let (state, allocated, size) = match observed {
+        None => (ReplicaState::Unknown, ByteSize::ZERO, v.size),
+        Some(o) => match o.replicas.get(&r.id) {
+            Some(rep) => (
+                ReplicaState::Online,
+                ByteSize::b(rep.allocated_bytes),
+                ByteSize::b(rep.size_bytes),
+            ),
+            None => (ReplicaState::Missing, ByteSize::ZERO, v.size),
+        },
+    };
+    let child = observed_nexus(st, v).and_then(|n| {
+        n.children.iter().find(|c| c.replica_uuid == r.id.to_string()).map(child_state)
+    });
+    Replica {
+        id: r.id,
+        volume: v.id,
+        pool: r.pool.clone(),
+        node: r.node.clone(),
+        size,
+        thin: v.thin,
+        status: ReplicaStatus { state, allocated, child },
+    }
+}
+
+pub fn volume(st: &State, v: &VolumeRecord) -> Volume {
+    let nexus = observed_nexus(st, v);
+    let target = match (nexus, &v.publish) {
+        (Some(n), Some(node)) if !n.share_uri.is_empty() => Some(Target {
+            node: node.clone(),
+            uri: n.share_uri.clone(),
+            state: nexus_state(n),
+            children: n
+                .children
+                .iter()
+                .filter_map(|c| {
+                    Some(Child {
+                        replica: c.replica_uuid.parse().ok()?,
+                        uri: c.uri.clone(),
+                        state: child_state(c),
+                    })
+                })
+                .collect(),
+        }),
+        _ => None,
+    };
+    let state = match &target {
+        Some(t) => VolumeState::from(t.state),
+        None => VolumeState::Unknown,
+    };
+    Volume {
+        id: v.id,
+        name: v.name.clone(),
+        spec: VolumeSpec {
+            size: v.size,
+            replicas: v.replica_count,
+            thin: v.thin,
+            publish: v.publish.clone(),
+        },
+        status: VolumeStatus {
+            state,
+            target,
+            replicas: v.replicas.iter().map(|r| replica(st, v, r)).collect(),
+        },
+    }
+}

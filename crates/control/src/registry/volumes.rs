@@ -1,0 +1,580 @@
+//! Volume operations, each through the guarded path: log the intent in the persisted spec
+//! (phase `creating`/`deleting`, `pending` resize), act on the engines, then commit or clear.
+//! A crash anywhere in between leaves a spec the reconciler finishes.
+//!
+//! ```text
+//!   create:  place ─> persist(creating, replicas) ─> CreateReplica… ─> persist(ready)
+//!                                          └─ fails ─> delete path (undo)
+//!   resize:  persist(pending) ─> ResizeReplica… ─> ResizeNexus ─> persist(size, no pending)
+//!   delete:  persist(deleting) ─> DestroyNexus ─> DestroyReplica… ─> remove record
+//!   publish: persist(publish=node) ─> reconciler CreateNexus ─> observed share URI
+//! ```
+
+use std::time::Duration;
+
+use trireme_api::{CreateVolumeBody, Replica, Volume};
+use trireme_rpc as rpc;
+use trireme_store::{Compare, Txn};
+use trireme_types::{ByteSize, NodeId, VolumeId};
+
+use super::records::{self, PendingOp, RECORD_VERSION, ReplicaRecord, VolumePhase, VolumeRecord};
+use super::{Registry, State, view};
+use crate::ControlError;
+use crate::engine_client::EngineError;
+use crate::events::Kind;
+use crate::scheduler::{self, Candidate};
+
+/// Sizes are multiples of this (the smallest block size NBD clients use).
+pub const SIZE_ALIGN: u64 = 512;
+/// How long publish waits for the nexus to be observed.
+pub const PUBLISH_WAIT: Duration = Duration::from_secs(30);
+
+fn check_size(size: ByteSize) -> Result<(), ControlError> {
+    if size.bytes() == 0 {
+        return Err(ControlError::InvalidBody { detail: "size must be greater than zero".into() });
+    }
+    if !size.is_multiple_of(SIZE_ALIGN) {
+        return Err(ControlError::InvalidBody {
+            detail: format!(
+                "size {} ({} bytes) is not a multiple of {SIZE_ALIGN} bytes",
+                size,
+                size.bytes()
+            ),
+        });
+    }
+    Ok(())
+}
+
+pub fn replica_uri(r: &ReplicaRecord) -> String {
+    format!("replica:///{}", r.id)
+}
+
+impl State {
+    /// Pools a new replica may go to: active, online, on an online node that takes new work.
+    pub fn candidates(&self) -> Vec<Candidate> {
+        self.pools
+            .values()
+            .filter(|p| p.record.phase == records::PoolPhase::Active)
+            .filter(|p| {
+                self.nodes
+                    .get(&p.record.node)
+                    .is_some_and(|n| n.online && !n.record.cordoned && !n.record.draining)
+            })
+            .filter_map(|p| {
+                let o = p.observed.as_ref()?;
+                (view::pool_state(o) == trireme_api::PoolState::Online).then(|| Candidate {
+                    pool: p.record.id.clone(),
+                    node: p.record.node.clone(),
+                    free: ByteSize::b(o.capacity_bytes.saturating_sub(o.used_bytes)),
+                })
+            })
+            .collect()
+    }
+
+    /// A volume by UUID or by name.
+    pub fn find_volume(&self, id: &str) -> Option<&VolumeRecord> {
+        match id.parse::<VolumeId>() {
+            Ok(uuid) => self.volumes.get(&uuid),
+            Err(_) => self.volumes.values().find(|v| v.name.as_str() == id),
+        }
+    }
+}
+
+impl Registry {
+    pub fn volumes(&self) -> Vec<Volume> {
+        let st = self.state.read();
+        st.volumes.values().map(|v| view::volume(&st, v)).collect()
+    }
+
+    pub fn volume(&self, id: &str) -> Result<Volume, ControlError> {
+        let st = self.state.read();
+        st.find_volume(id)
+            .map(|v| view::volume(&st, v))
+            .ok_or_else(|| ControlError::not_found("volume", id))
+    }
+
+    fn volume_spec(&self, id: &str) -> Result<VolumeRecord, ControlError> {
+        self.state
+            .read()
+            .find_volume(id)
+            .cloned()
+            .ok_or_else(|| ControlError::not_found("volume", id))
+    }
+
+    pub fn replicas(&self, volume: Option<&str>) -> Result<Vec<Replica>, ControlError> {
+        let st = self.state.read();
+        match volume {
+            Some(id) => {
+                let v = st.find_volume(id).ok_or_else(|| ControlError::not_found("volume", id))?;
+                Ok(v.replicas.iter().map(|r| view::replica(&st, v, r)).collect())
+            }
+            None => Ok(st
+                .volumes
+                .values()
+                .flat_map(|v| v.replicas.iter().map(|r| view::replica(&st, v, r)))
+                .collect()),
+        }
+    }
+
+    /// Creates a volume, or returns the existing one with the same name (or client id) and the
+    /// same spec. Returns whether this call created it.
+    pub async fn create_volume(
+        &self,
+        body: CreateVolumeBody,
+    ) -> Result<(Volume, bool), ControlError> {
+        check_size(body.size)?;
+        if body.replicas == 0 {
+            return Err(ControlError::InvalidBody { detail: "replicas must be at least 1".into() });
+        }
+        if body.replicas > 1 {
+            return Err(ControlError::ReplicationUnavailable);
+        }
+        let _create = self.lock_create().await;
+        let existing = {
+            let st = self.state.read();
+            body.id
+                .and_then(|id| st.volumes.get(&id))
+                .or_else(|| st.volumes.values().find(|v| v.name == body.name))
+                .cloned()
+        };
+        if let Some(v) = existing {
+            return self.existing_volume(v, &body);
+        }
+        let placement = {
+            let st = self.state.read();
+            scheduler::place(
+                &st.candidates(),
+                usize::from(body.replicas),
+                body.size,
+                body.thin,
+                &[],
+            )?
+        };
+        let record = VolumeRecord {
+            version: RECORD_VERSION,
+            id: body.id.unwrap_or_else(VolumeId::new_random),
+            name: body.name.clone(),
+            size: body.size,
+            replica_count: body.replicas,
+            thin: body.thin,
+            publish: None,
+            replicas: placement
+                .iter()
+                .map(|c| ReplicaRecord {
+                    id: trireme_types::ReplicaId::new_random(),
+                    pool: c.pool.clone(),
+                    node: c.node.clone(),
+                })
+                .collect(),
+            phase: VolumePhase::Creating,
+            pending: None,
+        };
+        let key = records::volume_key(&record.id);
+        let name_key = records::volume_name_key(&record.name);
+        let txn = Txn::new()
+            .when(Compare::Absent(key.clone()))
+            .when(Compare::Absent(name_key.clone()))
+            .put(key.clone(), records::encode(&key, &record)?)
+            .put(name_key, record.id.to_string().into_bytes());
+        if !self.store.txn(txn).await?.committed() {
+            return Err(ControlError::VolumeConflict {
+                name: record.name.to_string(),
+                difference: "another volume with this name or id was stored concurrently".into(),
+            });
+        }
+        self.state.write().volumes.insert(record.id, record.clone());
+        if let Err(e) = self.create_replicas(&record).await {
+            // Undo through the delete path so that a crash during the undo is also finished.
+            let mut undo = record.clone();
+            undo.phase = VolumePhase::Deleting;
+            if self.save_volume(&undo).await.is_ok() {
+                let _ = self.finish_volume_delete(&undo).await;
+            }
+            return Err(e);
+        }
+        let mut ready = record;
+        ready.phase = VolumePhase::Ready;
+        self.save_volume(&ready).await?;
+        let placed: Vec<String> =
+            ready.replicas.iter().map(|r| format!("{} on {}", r.pool, r.node)).collect();
+        self.events
+            .record(
+                Kind::Volume,
+                ready.id,
+                "created",
+                format!(
+                    "volume {} ({}, {}) created with replica(s) in pool {}",
+                    ready.name,
+                    ready.size,
+                    if ready.thin { "thin" } else { "thick" },
+                    placed.join(", ")
+                ),
+            )
+            .await;
+        Ok((self.volume(&ready.id.to_string())?, true))
+    }
+
+    fn existing_volume(
+        &self,
+        v: VolumeRecord,
+        body: &CreateVolumeBody,
+    ) -> Result<(Volume, bool), ControlError> {
+        if v.phase == VolumePhase::Deleting {
+            return Err(ControlError::VolumeDeleting { volume: v.id });
+        }
+        let mut diffs = Vec::new();
+        if v.name != body.name {
+            diffs.push(format!("id {} belongs to volume {:?}", v.id, v.name.as_str()));
+        }
+        if let Some(id) = body.id
+            && id != v.id
+        {
+            diffs.push(format!("its id is {}, not {id}", v.id));
+        }
+        if v.size != body.size {
+            diffs.push(format!("size is {}, not {}", v.size, body.size));
+        }
+        if v.replica_count != body.replicas {
+            diffs.push(format!("replicas is {}, not {}", v.replica_count, body.replicas));
+        }
+        if v.thin != body.thin {
+            diffs.push(format!("thin is {}, not {}", v.thin, body.thin));
+        }
+        if diffs.is_empty() {
+            // Idempotent repeat of the same create (CSI retries): the same volume.
+            Ok((self.volume(&v.id.to_string())?, false))
+        } else {
+            Err(ControlError::VolumeConflict {
+                name: body.name.to_string(),
+                difference: diffs.join("; "),
+            })
+        }
+    }
+
+    /// Creates every replica of the record on its engine (idempotent on the engine side).
+    pub(crate) async fn create_replicas(&self, record: &VolumeRecord) -> Result<(), ControlError> {
+        for r in &record.replicas {
+            let endpoint = self.state.read().online_endpoint(&r.node).ok_or_else(|| {
+                ControlError::NodeUnavailable { node: r.node.clone(), state: "offline".into() }
+            })?;
+            let mut client = self.engines.client(&r.node, &endpoint)?;
+            let req = rpc::CreateReplicaRequest {
+                uuid: r.id.to_string(),
+                pool: r.pool.to_string(),
+                size_bytes: record.target_size().bytes(),
+                thin: record.thin,
+                volume_uuid: record.id.to_string(),
+            };
+            let rep =
+                self.engines.call(&r.node, "CreateReplica", client.create_replica(req)).await?;
+            let mut st = self.state.write();
+            let known = st.observed.get(&r.node).is_some_and(|o| o.replicas.contains_key(&r.id));
+            // Until the next observation, count a new thick replica against its pool's free
+            // space so that back-to-back creates do not overbook it.
+            if !record.thin
+                && !known
+                && let Some(o) = st.pools.get_mut(&r.pool).and_then(|p| p.observed.as_mut())
+            {
+                o.used_bytes = o.used_bytes.saturating_add(rep.size_bytes);
+            }
+            st.observed.entry(r.node.clone()).or_default().replicas.insert(r.id, rep);
+        }
+        Ok(())
+    }
+
+    /// Deletes a volume: unpublish, destroy replicas, remove — each step idempotent.
+    pub async fn delete_volume(&self, id: &str) -> Result<(), ControlError> {
+        let vid = self.volume_spec(id)?.id;
+        let _guard = self.lock_volume(vid).await;
+        let mut record =
+            self.volume_record(&vid).ok_or_else(|| ControlError::not_found("volume", id))?;
+        if record.phase != VolumePhase::Deleting {
+            record.phase = VolumePhase::Deleting;
+            self.save_volume(&record).await?;
+            self.events
+                .record(
+                    Kind::Volume,
+                    vid,
+                    "deleting",
+                    format!("volume {} is being deleted", record.name),
+                )
+                .await;
+        }
+        self.finish_volume_delete(&record).await
+    }
+
+    /// The acting half of a delete; the reconciler calls it for volumes left `deleting`.
+    /// Engines that are offline are skipped: what they still hold is an orphan, destroyed by
+    /// the reconciler when they return.
+    pub(crate) async fn finish_volume_delete(
+        &self,
+        record: &VolumeRecord,
+    ) -> Result<(), ControlError> {
+        if let Some(node) = &record.publish {
+            self.destroy_nexus(node, record.id).await?;
+        }
+        for r in &record.replicas {
+            let Some(endpoint) = self.state.read().online_endpoint(&r.node) else { continue };
+            let mut client = self.engines.client(&r.node, &endpoint)?;
+            let req = rpc::DestroyReplicaRequest { uuid: r.id.to_string() };
+            match self.engines.call(&r.node, "DestroyReplica", client.destroy_replica(req)).await {
+                Ok(_) => {}
+                Err(e) if e.is_not_found() => {} // already gone
+                Err(e) => return Err(e.into()),
+            }
+            if let Some(o) = self.state.write().observed.get_mut(&r.node) {
+                o.replicas.remove(&r.id);
+            }
+        }
+        self.remove_volume(record).await?;
+        self.events
+            .record(Kind::Volume, record.id, "deleted", format!("volume {} deleted", record.name))
+            .await;
+        Ok(())
+    }
+
+    /// Destroys a volume's nexus on `node` if that node is online; absent is success.
+    pub(crate) async fn destroy_nexus(
+        &self,
+        node: &NodeId,
+        volume: VolumeId,
+    ) -> Result<(), EngineError> {
+        let Some(endpoint) = self.state.read().online_endpoint(node) else { return Ok(()) };
+        let mut client = self.engines.client(node, &endpoint)?;
+        let req = rpc::DestroyNexusRequest { volume_uuid: volume.to_string() };
+        match self.engines.call(node, "DestroyNexus", client.destroy_nexus(req)).await {
+            Ok(_) => {}
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e),
+        }
+        if let Some(o) = self.state.write().observed.get_mut(node) {
+            o.nexuses.remove(&volume);
+        }
+        Ok(())
+    }
+
+    /// Grows a volume: replicas first, then the nexus, then the spec.
+    pub async fn resize_volume(&self, id: &str, size: ByteSize) -> Result<Volume, ControlError> {
+        check_size(size)?;
+        let vid = self.volume_spec(id)?.id;
+        let _guard = self.lock_volume(vid).await;
+        let mut record =
+            self.volume_record(&vid).ok_or_else(|| ControlError::not_found("volume", id))?;
+        if record.phase == VolumePhase::Deleting {
+            return Err(ControlError::VolumeDeleting { volume: vid });
+        }
+        if size < record.size {
+            return Err(ControlError::Shrink {
+                volume: vid,
+                current: record.size,
+                requested: size,
+            });
+        }
+        if size == record.size && record.pending.is_none() {
+            return self.volume(&vid.to_string()); // idempotent: already this size
+        }
+        if !record.thin {
+            let grow = size.saturating_sub(record.size);
+            let st = self.state.read();
+            for r in &record.replicas {
+                let free = st
+                    .pools
+                    .get(&r.pool)
+                    .and_then(|p| p.observed.as_ref())
+                    .map(|o| ByteSize::b(o.capacity_bytes.saturating_sub(o.used_bytes)))
+                    .unwrap_or(ByteSize::ZERO);
+                if free < grow {
+                    return Err(scheduler::PlacementError::InsufficientCapacity {
+                        size: grow,
+                        largest_free: free,
+                    }
+                    .into());
+                }
+            }
+        }
+        record.pending = Some(PendingOp::Resize { size });
+        self.save_volume(&record).await?;
+        match self.apply_resize(&record).await {
+            Ok(()) => {}
+            Err(ControlError::Engine(e @ EngineError::Status { .. })) => {
+                // The engine refused: clear the intent so the reconciler does not retry it.
+                record.pending = None;
+                self.save_volume(&record).await?;
+                return Err(e.into());
+            }
+            Err(e) => return Err(e), // left pending: the reconciler finishes it
+        }
+        self.volume(&vid.to_string())
+    }
+
+    /// Carries out a pending resize; commits the new size.
+    pub(crate) async fn apply_resize(&self, record: &VolumeRecord) -> Result<(), ControlError> {
+        let Some(PendingOp::Resize { size }) = record.pending.clone() else { return Ok(()) };
+        for r in &record.replicas {
+            let endpoint = self.state.read().online_endpoint(&r.node).ok_or_else(|| {
+                ControlError::NodeUnavailable { node: r.node.clone(), state: "offline".into() }
+            })?;
+            let mut client = self.engines.client(&r.node, &endpoint)?;
+            let req =
+                rpc::ResizeReplicaRequest { uuid: r.id.to_string(), size_bytes: size.bytes() };
+            let rep =
+                self.engines.call(&r.node, "ResizeReplica", client.resize_replica(req)).await?;
+            self.state
+                .write()
+                .observed
+                .entry(r.node.clone())
+                .or_default()
+                .replicas
+                .insert(r.id, rep);
+        }
+        let nexus_at =
+            record.publish.as_ref().and_then(|n| Some((n, self.state.read().online_endpoint(n)?)));
+        if let Some((node, endpoint)) = nexus_at {
+            let mut client = self.engines.client(node, &endpoint)?;
+            let req = rpc::ResizeNexusRequest {
+                volume_uuid: record.id.to_string(),
+                size_bytes: size.bytes(),
+            };
+            match self.engines.call(node, "ResizeNexus", client.resize_nexus(req)).await {
+                Ok(n) => {
+                    self.state
+                        .write()
+                        .observed
+                        .entry(node.clone())
+                        .or_default()
+                        .nexuses
+                        .insert(record.id, n);
+                }
+                // No nexus yet: the reconciler creates it at the new size.
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let old = record.size;
+        let mut done = record.clone();
+        done.size = size;
+        done.pending = None;
+        self.save_volume(&done).await?;
+        self.events
+            .record(
+                Kind::Volume,
+                done.id,
+                "resized",
+                format!("volume {} grew from {old} to {size}", done.name),
+            )
+            .await;
+        Ok(())
+    }
+
+    /// Publishes a volume on `node` (default: its replica's node) and waits, bounded, until its
+    /// nexus is observed with a share URI.
+    pub async fn publish_volume(
+        &self,
+        id: &str,
+        node: Option<NodeId>,
+    ) -> Result<Volume, ControlError> {
+        let vid = self.volume_spec(id)?.id;
+        {
+            let _guard = self.lock_volume(vid).await;
+            let mut record =
+                self.volume_record(&vid).ok_or_else(|| ControlError::not_found("volume", id))?;
+            if record.phase == VolumePhase::Deleting {
+                return Err(ControlError::VolumeDeleting { volume: vid });
+            }
+            let replica_node =
+                record.replicas.first().map(|r| r.node.clone()).ok_or_else(|| {
+                    ControlError::InvalidBody {
+                        detail: format!("volume {vid} has no replica to publish"),
+                    }
+                })?;
+            let target = node
+                .unwrap_or_else(|| record.publish.clone().unwrap_or_else(|| replica_node.clone()));
+            if let Some(current) = &record.publish
+                && current != &target
+            {
+                return Err(ControlError::AlreadyPublished { volume: vid, node: current.clone() });
+            }
+            if target != replica_node {
+                return Err(ControlError::RemotePublish {
+                    volume: vid,
+                    replica_node,
+                    requested: target,
+                });
+            }
+            {
+                let st = self.state.read();
+                match st.nodes.get(&target) {
+                    None => return Err(ControlError::not_found("node", target.as_str())),
+                    Some(n) if !n.online => {
+                        return Err(ControlError::NodeUnavailable {
+                            node: target,
+                            state: "offline".into(),
+                        });
+                    }
+                    Some(_) => {}
+                }
+            }
+            if record.publish.is_none() {
+                record.publish = Some(target.clone());
+                self.save_volume(&record).await?;
+                self.events
+                    .record(
+                        Kind::Volume,
+                        vid,
+                        "publishing",
+                        format!("volume {} is being published on node {target}", record.name),
+                    )
+                    .await;
+            }
+        }
+        self.wake();
+        let mut passes = self.subscribe_passes();
+        let wait = async {
+            loop {
+                if let Ok(v) = self.volume(&vid.to_string())
+                    && v.status.target.is_some()
+                {
+                    return Ok(v);
+                }
+                if passes.changed().await.is_err() {
+                    return Err(ControlError::Timeout {
+                        what: format!("publishing volume {vid}"),
+                        secs: 0,
+                    });
+                }
+            }
+        };
+        match tokio::time::timeout(PUBLISH_WAIT, wait).await {
+            Ok(r) => r,
+            Err(_) => Err(ControlError::Timeout {
+                what: format!("creating the nexus of volume {vid}"),
+                secs: PUBLISH_WAIT.as_secs(),
+            }),
+        }
+    }
+
+    /// Unpublishes: clears the spec first (so a crash leaves an orphan nexus, which the
+    /// reconciler destroys), then destroys the nexus.
+    pub async fn unpublish_volume(&self, id: &str) -> Result<Volume, ControlError> {
+        let vid = self.volume_spec(id)?.id;
+        let _guard = self.lock_volume(vid).await;
+        let mut record =
+            self.volume_record(&vid).ok_or_else(|| ControlError::not_found("volume", id))?;
+        let Some(node) = record.publish.take() else {
+            return self.volume(&vid.to_string()); // idempotent: not published
+        };
+        self.save_volume(&record).await?;
+        if let Err(e) = self.destroy_nexus(&node, vid).await {
+            tracing::warn!(volume = %vid, "nexus left for the reconciler: {e}");
+        }
+        self.events
+            .record(
+                Kind::Volume,
+                vid,
+                "unpublished",
+                format!("volume {} unpublished from node {node}", record.name),
+            )
+            .await;
+        self.volume(&vid.to_string())
+    }
+}

@@ -1,0 +1,142 @@
+//! The REST API: axum handlers annotated for utoipa, so the OpenAPI document at
+//! `/v1/openapi.json` is generated from the same code that serves the routes.
+//!
+//! ```text
+//!   /healthz /readyz /metrics          no token
+//!   /v1/...                            bearer token (auth::require_token)
+//!   every answer                       counted (metrics::track)
+//!   every error                        ControlError -> problem+json (error.rs)
+//! ```
+
+mod events;
+pub mod extract;
+mod nodes;
+mod pools;
+mod volumes;
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{Method, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use utoipa::OpenApi;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::ControlError;
+use crate::auth::{Tokens, require_token};
+use crate::metrics::{Metrics, track};
+use crate::registry::Registry;
+
+/// What every handler can reach.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    pub registry: Arc<Registry>,
+    pub metrics: Arc<Metrics>,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Trireme", description = "Replicated block storage for Kubernetes: the control plane's REST API."),
+    modifiers(&BearerAuth),
+    security(("bearer" = [])),
+    components(schemas(trireme_api::Problem))
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The `/v1` routes and the OpenAPI document describing them.
+fn v1() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(nodes::list_nodes))
+        .routes(routes!(nodes::get_node))
+        .routes(routes!(pools::list_pools, pools::create_pool))
+        .routes(routes!(pools::get_pool, pools::delete_pool))
+        .routes(routes!(volumes::list_volumes, volumes::create_volume))
+        .routes(routes!(volumes::get_volume, volumes::delete_volume))
+        .routes(routes!(volumes::resize_volume))
+        .routes(routes!(volumes::publish_volume, volumes::unpublish_volume))
+        .routes(routes!(volumes::list_volume_replicas))
+        .routes(routes!(volumes::list_replicas))
+        .routes(routes!(events::list_events))
+        .split_for_parts()
+}
+
+/// The OpenAPI document as JSON.
+pub fn openapi_json() -> String {
+    v1().1.to_pretty_json().unwrap_or_else(|_| "{}".to_owned())
+}
+
+pub fn router(state: AppState, tokens: Arc<Tokens>) -> axum::Router {
+    let (v1_routes, doc) = v1();
+    let doc = Arc::new(doc.to_pretty_json().unwrap_or_else(|_| "{}".to_owned()));
+    let v1_routes =
+        v1_routes
+            .route(
+                "/v1/openapi.json",
+                get(move || {
+                    let doc = doc.clone();
+                    async move {
+                        ([(header::CONTENT_TYPE, "application/json")], doc.as_str().to_owned())
+                    }
+                }),
+            )
+            .route_layer(axum::middleware::from_fn_with_state(tokens, require_token));
+    axum::Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .merge(v1_routes)
+        .fallback(no_route)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(state.metrics.clone(), track))
+        .with_state(state)
+}
+
+fn health(status: &str) -> Json<trireme_api::Health> {
+    Json(trireme_api::Health {
+        status: status.to_owned(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+    })
+}
+
+async fn healthz() -> Json<trireme_api::Health> {
+    health("ok")
+}
+
+/// Ready when the store answers.
+async fn readyz(State(app): State<AppState>) -> Response {
+    match app.registry.store.get("readyz-probe").await {
+        Ok(_) => health("ok").into_response(),
+        Err(e) => ControlError::Store(e).into_response(),
+    }
+}
+
+async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        app.metrics.render(&app.registry),
+    )
+}
+
+async fn no_route(uri: Uri) -> ControlError {
+    ControlError::NoRoute { path: uri.path().to_owned() }
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ControlError {
+    ControlError::MethodNotAllowed { method: method.to_string(), path: uri.path().to_owned() }
+}

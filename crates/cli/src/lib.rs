@@ -1,1 +1,189 @@
-//! The trireme command-line client: noun-verb commands over the REST API
+//! The `trireme` command-line client: `trireme <noun> <verb>` over the REST API, through the
+//! typed [`trireme_api::Client`].
+//!
+//! ```text
+//!   trireme volume create v1 --size 1GiB -o json
+//!      │        │            └ GlobalOpts (-o, --api, --token) on every noun, anywhere after it
+//!      │        └ verb: one REST call (or a few), rendered by `output`
+//!      └ noun: node | pool | volume | replica | event
+//! ```
+//!
+//! With no flags the CLI reaches the local `trireme up`: the API address comes from
+//! `--api`/`TRIREME_API`, else the `up.json` of `up`'s default data directory, else
+//! `127.0.0.1:7480`; the token from `--token`/`TRIREME_TOKEN`, else that directory's admin
+//! token, sent only to a local API so it never leaks to another host.
+//!
+//! Errors are one sentence on stderr (the binary prints [`CliError`]); exit code 1, or 2 for a
+//! command this version does not have yet.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+mod error;
+mod event;
+mod node;
+pub mod output;
+mod pool;
+mod replica;
+mod volume;
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Subcommand};
+use tokio_util::sync::CancellationToken;
+use trireme_api::{Client, ClientError};
+use trireme_up::{Layout, UpState};
+
+pub use error::CliError;
+pub use event::EventArgs;
+pub use node::NodeArgs;
+pub use output::Output;
+pub use pool::PoolArgs;
+pub use replica::ReplicaArgs;
+pub use volume::VolumeArgs;
+
+/// The client commands, to be flattened into the `trireme` binary's subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Storage nodes (engines) registered with control.
+    Node(NodeArgs),
+    /// Pools: the disks or files each node carves replicas from.
+    Pool(PoolArgs),
+    /// Volumes: create, resize, publish over NBD, delete.
+    Volume(VolumeArgs),
+    /// Replicas: the copies of each volume's data.
+    Replica(ReplicaArgs),
+    /// Events: what changed in the cluster, and why.
+    Event(EventArgs),
+    /// Snapshots (not available yet).
+    Snapshot(NotYetArgs),
+    /// A support bundle of topology, store, logs and metrics (not available yet).
+    Dump(NotYetArgs),
+}
+
+/// Accepts anything, so that a command from a later version answers "not available yet"
+/// rather than a usage error.
+#[derive(Debug, Args)]
+pub struct NotYetArgs {
+    #[arg(hide = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    rest: Vec<String>,
+}
+
+/// Flags every noun takes, before or after its verb.
+#[derive(Debug, Clone, Default, Args)]
+pub struct GlobalOpts {
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t, global = true)]
+    pub output: Output,
+
+    /// The Trireme API: a URL or host:port [default: the local `trireme up`, else
+    /// http://127.0.0.1:7480]
+    #[arg(long, env = "TRIREME_API", value_name = "URL", global = true)]
+    pub api: Option<String>,
+
+    /// Bearer token [default: the admin token of the local `trireme up`]
+    #[arg(
+        long,
+        env = "TRIREME_TOKEN",
+        value_name = "TOKEN",
+        global = true,
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
+}
+
+/// Runs one client command.
+pub async fn run(command: Command, shutdown: CancellationToken) -> Result<(), CliError> {
+    match command {
+        Command::Node(args) => node::run(args).await,
+        Command::Pool(args) => pool::run(args).await,
+        Command::Volume(args) => volume::run(args).await,
+        Command::Replica(args) => replica::run(args).await,
+        Command::Event(args) => event::run(args, shutdown).await,
+        Command::Snapshot(_) => Err(CliError::NotAvailable("snapshot")),
+        Command::Dump(_) => Err(CliError::NotAvailable("dump")),
+    }
+}
+
+/// Where the CLI sends its requests, and with which token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub api: String,
+    pub token: Option<String>,
+}
+
+impl Endpoint {
+    /// Resolves the API address and token from the flags and, failing those, from the local
+    /// `up` whose data directory is `data_dir` (`trireme_up::default_data_dir()` in real use).
+    pub fn resolve(opts: &GlobalOpts, data_dir: Option<&Path>) -> Result<Self, CliError> {
+        let layout = data_dir.map(Layout::new);
+        let up_api =
+            layout.as_ref().and_then(|l| UpState::read(&l.state_file()).ok()).map(|s| s.api_url);
+        let api = opts
+            .api
+            .clone()
+            .filter(|a| !a.trim().is_empty())
+            .or_else(|| up_api.clone())
+            .unwrap_or_else(|| trireme_up::http_url(default_api()));
+        let token = match (&opts.token, &layout) {
+            (Some(t), _) if !t.trim().is_empty() => Some(t.trim().to_owned()),
+            (_, Some(layout)) if is_local(&api) || up_api.as_deref() == Some(api.as_str()) => {
+                read_token(&layout.admin_token())?
+            }
+            _ => None,
+        };
+        Ok(Self { api, token })
+    }
+
+    pub fn client(&self) -> Result<Client, CliError> {
+        Client::new(&self.api, self.token.clone()).map_err(CliError::Client)
+    }
+}
+
+fn default_api() -> std::net::SocketAddr {
+    trireme_up::parse_api_addr(trireme_up::DEFAULT_API)
+        .unwrap_or_else(|_| std::net::SocketAddr::from(([127, 0, 0, 1], 7480)))
+}
+
+/// Whether an API address (URL or host:port) names this machine.
+fn is_local(api: &str) -> bool {
+    let rest = api.split_once("://").map_or(api, |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or_default();
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+fn read_token(path: &Path) -> Result<Option<String>, CliError> {
+    match std::fs::read_to_string(path) {
+        Ok(t) => Ok(Some(t.trim().to_owned()).filter(|t| !t.is_empty())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(CliError::TokenFile { path: PathBuf::from(path), source }),
+    }
+}
+
+/// What every verb needs: a client, where it points (for error messages) and the format.
+pub(crate) struct Ctx {
+    pub client: Client,
+    pub api: String,
+    pub output: Output,
+}
+
+impl Ctx {
+    pub fn new(opts: &GlobalOpts) -> Result<Self, CliError> {
+        let data_dir = trireme_up::default_data_dir();
+        let endpoint = Endpoint::resolve(opts, data_dir.as_deref())?;
+        let client = endpoint.client()?;
+        Ok(Self { api: client.base_url().to_owned(), client, output: opts.output })
+    }
+
+    /// Maps a client error to the sentence the user sees.
+    pub fn fail(&self, err: ClientError) -> CliError {
+        CliError::from_client(err, &self.api)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -343,3 +343,39 @@ where
         self.writer.flush().await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_follow_capabilities() {
+        let all = transmission_flags(Capabilities::ALL, true);
+        for f in [
+            FLAG_HAS_FLAGS,
+            FLAG_SEND_FLUSH,
+            FLAG_SEND_FUA,
+            FLAG_SEND_TRIM,
+            FLAG_SEND_WRITE_ZEROES,
+            FLAG_SEND_FAST_ZERO,
+            FLAG_CAN_MULTI_CONN,
+            FLAG_SEND_DF,
+        ] {
+            assert_ne!(all & f, 0, "{f:#x}");
+        }
+        assert_eq!(all & FLAG_READ_ONLY, 0);
+        // DF only with structured replies.
+        assert_eq!(transmission_flags(Capabilities::ALL, false) & FLAG_SEND_DF, 0);
+        let none = Capabilities {
+            read_only: true,
+            flush: false,
+            fua: false,
+            trim: true,
+            write_zeroes: true,
+            block_status: false,
+            multi_conn: false,
+        };
+        let f = transmission_flags(none, false);
+        assert_eq!(f, FLAG_HAS_FLAGS | FLAG_READ_ONLY | FLAG_SEND_CACHE);
+    }
+}

@@ -338,3 +338,21 @@ async fn shutdown_closes_connections_and_returns() {
     assert!(idle.closed().await);
     assert!(negotiating.closed().await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_export_refuses_writes() {
+    let srv = start().await;
+    let mut c = Raw::negotiating(srv.addr).await;
+    let (size, flags) = c.go("small").await.unwrap();
+    assert_eq!(size, 1 << 20);
+    assert_ne!(flags & FLAG_READ_ONLY, 0);
+    assert_eq!(flags & (FLAG_SEND_TRIM | FLAG_SEND_WRITE_ZEROES), 0);
+    c.request(Command::Write, 0, 1, 0, 512).await;
+    c.send(&[1u8; 512]).await;
+    assert_eq!(c.simple_reply().await, (errno::EPERM, 1));
+    c.request(Command::Trim, 0, 2, 0, 4096).await;
+    assert_eq!(c.simple_reply().await, (errno::EPERM, 2));
+    c.request(Command::Read, 0, 3, 0, 512).await;
+    assert_eq!(c.simple_reply().await, (0, 3));
+    srv.stop().await;
+}

@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use trireme_nbd::proto::*;
 use trireme_nbd::testing::{MemExport, MemRegistry};
-use trireme_nbd::{ServerConfig, serve_tcp, serve_unix};
+use trireme_nbd::{Capabilities, ServerConfig, serve_tcp, serve_unix};
 
 pub const NAME: &str = "mem";
 pub const SIZE: u64 = 64 << 20;
@@ -36,7 +36,12 @@ pub fn registry() -> (Arc<MemRegistry>, Arc<MemExport>) {
     let registry = Arc::new(MemRegistry::new());
     let export = Arc::new(MemExport::new(SIZE));
     registry.insert(NAME, "in-memory test export", export.clone());
-    registry.insert("small", "a second export", Arc::new(MemExport::new(1 << 20)));
+    let ro = Capabilities { read_only: true, ..Capabilities::ALL };
+    registry.insert(
+        "small",
+        "a read-only export",
+        Arc::new(MemExport::with_capabilities(1 << 20, ro)),
+    );
     (registry, export)
 }
 

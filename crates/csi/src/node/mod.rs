@@ -18,6 +18,7 @@
 mod attach;
 mod cmd;
 mod error;
+mod grow;
 mod locks;
 mod mounts;
 mod state;
@@ -175,6 +176,13 @@ impl NodeService {
                 None => {
                     let fs = self.format_if_blank(&device, fs_requested.as_deref()).await?;
                     record.fs_type = Some(fs.clone());
+                    if fs == "ext4" {
+                        // The volume may have been expanded while it was not staged.
+                        let size = attach::device_size(&device)?;
+                        if grow::grow_ext4_offline(&device, size).await? {
+                            tracing::info!(volume = %req.volume_id, size, "grew the file system to the expanded volume");
+                        }
+                    }
                     mounts::mount(path_str(&device)?, &staging, Some(&fs), &flags).await?;
                 }
             }
@@ -506,13 +514,8 @@ impl Node for NodeService {
             )));
         }
         if !record.block {
-            let dev = path_str(&device)?;
-            match record.fs_type.as_deref() {
-                Some("xfs") => {
-                    cmd::run("xfs_growfs", &[path_str(&record.staging_path)?], cmd::SLOW).await?
-                }
-                _ => cmd::run("resize2fs", &[dev], cmd::SLOW).await?,
-            };
+            let fs = record.fs_type.as_deref().unwrap_or(DEFAULT_FS_TYPE);
+            grow::grow_online(fs, &device, &record.staging_path, size).await?;
         }
         Ok(Response::new(NodeExpandVolumeResponse { capacity_bytes: size as i64 }))
     }

@@ -1,0 +1,297 @@
+//! The test harness: a REST backend, the two plugins as child processes of the `trireme-csi`
+//! test binary on unix sockets, gRPC clients for them, and checks that nothing is left behind.
+#![allow(dead_code)]
+
+pub mod fake;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::TokioIo;
+use tonic::transport::{Channel, Endpoint};
+use trireme_csi::proto::controller_client::ControllerClient;
+use trireme_csi::proto::identity_client::IdentityClient;
+use trireme_csi::proto::node_client::NodeClient;
+use trireme_csi::proto::volume_capability::{
+    AccessMode, AccessType, BlockVolume, MountVolume, access_mode::Mode,
+};
+use trireme_csi::proto::*;
+
+/// Replicas of the volumes the mount tests create. 1 until control serves replicated
+/// volumes; then 3.
+pub const REPLICAS: u8 = 1;
+pub const NODE_ID: &str = "node-1";
+pub const MIB: i64 = 1 << 20;
+
+/// A plugin process; killed (SIGKILL) on drop.
+pub struct Plugin {
+    pub child: Child,
+    pub socket: PathBuf,
+}
+
+impl Plugin {
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Plugin {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn spawn_plugin(args: &[&str], socket: &Path, api: &str, log: &Path) -> Plugin {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_trireme-csi"))
+        .args(args)
+        .arg("--endpoint")
+        .arg(format!("unix://{}", socket.display()))
+        .args(["--api", api])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    Plugin { child, socket: socket.to_owned() }
+}
+
+pub async fn channel(socket: &Path) -> Channel {
+    let start = Instant::now();
+    loop {
+        let path = socket.to_owned();
+        let res = Endpoint::try_from("http://[::]:50051")
+            .unwrap()
+            .connect_with_connector(tower::service_fn(move |_| {
+                let path = path.clone();
+                async move { tokio::net::UnixStream::connect(path).await.map(TokioIo::new) }
+            }))
+            .await;
+        match res {
+            Ok(c) => return c,
+            Err(e) if start.elapsed() > Duration::from_secs(60) => {
+                panic!("cannot reach {}: {e}", socket.display())
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// A backend and both plugins.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub fake: fake::FakeControl,
+    pub controller: Plugin,
+    pub node: Plugin,
+    pub identity_c: IdentityClient<Channel>,
+    pub identity_n: IdentityClient<Channel>,
+    pub ctl: ControllerClient<Channel>,
+    pub nd: NodeClient<Channel>,
+}
+
+impl Env {
+    pub async fn start() -> Self {
+        let dir = tempfile::Builder::new().prefix("trireme-csi-").tempdir().unwrap();
+        let fake = fake::FakeControl::start(dir.path()).await;
+        let controller = spawn_plugin(
+            &["controller"],
+            &dir.path().join("controller.sock"),
+            &fake.addr,
+            &dir.path().join("controller.log"),
+        );
+        let node = Self::spawn_node_in(dir.path(), &fake.addr);
+        let cch = channel(&controller.socket).await;
+        let nch = channel(&node.socket).await;
+        Self {
+            identity_c: IdentityClient::new(cch.clone()),
+            identity_n: IdentityClient::new(nch.clone()),
+            ctl: ControllerClient::new(cch),
+            nd: NodeClient::new(nch),
+            dir,
+            fake,
+            controller,
+            node,
+        }
+    }
+
+    fn spawn_node_in(dir: &Path, api: &str) -> Plugin {
+        let state = dir.join("node-state");
+        spawn_plugin(
+            &["node", "--node-id", NODE_ID, "--state-dir", state.to_str().unwrap()],
+            &dir.join("node.sock"),
+            api,
+            &dir.join("node.log"),
+        )
+    }
+
+    /// Kills the node plugin with SIGKILL and starts a new one on the same state dir.
+    pub async fn restart_node(&mut self) {
+        self.node.kill9();
+        self.node = Self::spawn_node_in(self.dir.path(), &self.fake.addr);
+        self.nd = NodeClient::new(channel(&self.node.socket).await);
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.path("node-state")
+    }
+
+    /// Creates a volume and publishes it on NODE_ID; returns (volume id, publish context).
+    pub async fn create_published(
+        &mut self,
+        name: &str,
+        size: i64,
+        cap: VolumeCapability,
+    ) -> (String, HashMap<String, String>) {
+        let v = self
+            .ctl
+            .create_volume(CreateVolumeRequest {
+                name: name.into(),
+                capacity_range: Some(CapacityRange { required_bytes: size, limit_bytes: 0 }),
+                volume_capabilities: vec![cap.clone()],
+                parameters: HashMap::from([("replicas".into(), REPLICAS.to_string())]),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+        let ctx = self.publish(&v.volume_id, cap).await;
+        (v.volume_id, ctx)
+    }
+
+    pub async fn publish(&mut self, id: &str, cap: VolumeCapability) -> HashMap<String, String> {
+        self.ctl
+            .controller_publish_volume(ControllerPublishVolumeRequest {
+                volume_id: id.into(),
+                node_id: NODE_ID.into(),
+                volume_capability: Some(cap),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .publish_context
+    }
+
+    pub fn stage_req(
+        &self,
+        id: &str,
+        ctx: &HashMap<String, String>,
+        staging: &Path,
+        cap: VolumeCapability,
+    ) -> NodeStageVolumeRequest {
+        NodeStageVolumeRequest {
+            volume_id: id.into(),
+            publish_context: ctx.clone(),
+            staging_target_path: staging.to_str().unwrap().into(),
+            volume_capability: Some(cap),
+            ..Default::default()
+        }
+    }
+
+    pub fn publish_req(
+        &self,
+        id: &str,
+        staging: &Path,
+        target: &Path,
+        cap: VolumeCapability,
+        ro: bool,
+    ) -> NodePublishVolumeRequest {
+        NodePublishVolumeRequest {
+            volume_id: id.into(),
+            staging_target_path: staging.to_str().unwrap().into(),
+            target_path: target.to_str().unwrap().into(),
+            volume_capability: Some(cap),
+            readonly: ro,
+            ..Default::default()
+        }
+    }
+
+    pub async fn unstage(&mut self, id: &str, staging: &Path) {
+        self.nd
+            .node_unstage_volume(NodeUnstageVolumeRequest {
+                volume_id: id.into(),
+                staging_target_path: staging.to_str().unwrap().into(),
+            })
+            .await
+            .unwrap();
+    }
+
+    pub async fn unpublish(&mut self, id: &str, target: &Path) {
+        self.nd
+            .node_unpublish_volume(NodeUnpublishVolumeRequest {
+                volume_id: id.into(),
+                target_path: target.to_str().unwrap().into(),
+            })
+            .await
+            .unwrap();
+    }
+
+    /// Asserts nothing of this environment is mounted, loop-attached or running nbdfuse.
+    pub fn assert_nothing_left(&self) {
+        let root = self.dir.path().to_str().unwrap().to_owned();
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let left: Vec<_> = mounts.lines().filter(|l| l.contains(&root)).collect();
+        assert!(left.is_empty(), "mounts left behind: {left:#?}");
+        let losetup = Command::new("losetup").arg("-a").output().unwrap();
+        let losetup = String::from_utf8_lossy(&losetup.stdout);
+        let left: Vec<_> = losetup.lines().filter(|l| l.contains(&root)).collect();
+        assert!(left.is_empty(), "loop devices left behind: {left:#?}");
+        let procs = nbdfuse_processes(&root);
+        assert!(procs.is_empty(), "nbdfuse processes left behind: {procs:?}");
+    }
+}
+
+/// Pids of nbdfuse processes whose command line mentions `needle`.
+pub fn nbdfuse_processes(needle: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.starts_with("nbdfuse") && cmdline.contains(needle) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+pub fn mount_cap(fs: &str) -> VolumeCapability {
+    VolumeCapability {
+        access_type: Some(AccessType::Mount(MountVolume {
+            fs_type: fs.into(),
+            mount_flags: vec![],
+            volume_mount_group: String::new(),
+        })),
+        access_mode: Some(AccessMode { mode: Mode::SingleNodeWriter as i32 }),
+    }
+}
+
+pub fn block_cap() -> VolumeCapability {
+    VolumeCapability {
+        access_type: Some(AccessType::Block(BlockVolume {})),
+        access_mode: Some(AccessMode { mode: Mode::SingleNodeWriter as i32 }),
+    }
+}
+
+pub fn is_mounted(path: &Path) -> bool {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let p = path.to_str().unwrap();
+    mounts.lines().any(|l| l.split(' ').nth(4) == Some(p))
+}
+
+pub fn code<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> tonic::Code {
+    match r {
+        Ok(v) => panic!("expected an error, got {v:?}"),
+        Err(s) => s.code(),
+    }
+}

@@ -1,1 +1,164 @@
-fn main() {}
+//! The `trireme` binary: every server and the CLI as subcommands of one executable (like Garage
+//! or k3s). This file only wires: it parses flags, sets up logging and signals, and hands a
+//! cancellation token to the chosen server.
+//!
+//! ```text
+//!   trireme up | control | engine          servers: run until SIGINT/SIGTERM cancels the token
+//!   trireme node | pool | volume | …       CLI: one REST call or a few (trireme-cli)
+//! ```
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+/// Trireme: replicated block storage for Kubernetes.
+#[derive(Debug, Parser)]
+#[command(name = "trireme", version, propagate_version = true, max_term_width = 100)]
+struct Cli {
+    /// Log format (logs go to stderr; filter with RUST_LOG, e.g. RUST_LOG=trireme_engine=debug).
+    #[arg(long, value_enum, env = "TRIREME_LOG_FORMAT", default_value_t, global = true)]
+    log_format: LogFormat,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, Default, ValueEnum)]
+enum LogFormat {
+    #[default]
+    Human,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a whole cluster on this machine: control and N engines with file-backed pools.
+    Up(trireme_up::UpArgs),
+    /// Run the control plane: registry, reconcilers, REST API.
+    Control(trireme_control::ControlArgs),
+    /// Run a storage engine: pools, replicas, nexuses, NBD shares.
+    Engine(trireme_engine::EngineArgs),
+    #[command(flatten)]
+    Client(trireme_cli::Command),
+}
+
+impl Command {
+    fn is_server(&self) -> bool {
+        !matches!(self, Self::Client(_))
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format, cli.command.is_server());
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(cli.command))
+}
+
+async fn run(command: Command) -> ExitCode {
+    let shutdown = CancellationToken::new();
+    if let Err(e) = watch_signals(shutdown.clone()) {
+        eprintln!("error: cannot install signal handlers: {e}");
+        return ExitCode::FAILURE;
+    }
+    let result = match command {
+        Command::Up(args) => trireme_up::run(args, shutdown).await,
+        Command::Control(args) => trireme_control::run(args, shutdown).await,
+        Command::Engine(args) => trireme_engine::run(args, shutdown).await,
+        Command::Client(cmd) => {
+            return match trireme_cli::run(cmd, shutdown).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(e.exit_code())
+                }
+            };
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // `{:#}` keeps the whole cause chain on one line.
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The first SIGINT or SIGTERM cancels `shutdown` (servers stop cleanly); a second one exits at
+/// once, for when a clean stop hangs.
+fn watch_signals(shutdown: CancellationToken) -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::spawn(async move {
+        for round in 0..2 {
+            let name = tokio::select! {
+                _ = int.recv() => "SIGINT",
+                _ = term.recv() => "SIGTERM",
+            };
+            if round == 0 {
+                tracing::info!(signal = name, "shutting down");
+                shutdown.cancel();
+            } else {
+                eprintln!("error: second {name}; exiting without a clean shutdown");
+                std::process::exit(130);
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Servers log at `info` by default; the CLI only warns, so its output stays the answer.
+fn init_logging(format: LogFormat, server: bool) {
+    let default = if server { "info" } else { "warn" };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn servers_and_nouns_parse() {
+        for line in [
+            "trireme up --nodes 1 --api 127.0.0.1:9000",
+            "trireme --log-format json control --data-dir /tmp/c",
+            "trireme engine --node-id node-1 --log-format json",
+            "trireme volume list -o yaml",
+            "trireme node get node-1",
+            "trireme snapshot list",
+            "trireme dump",
+        ] {
+            let r = Cli::try_parse_from(line.split_whitespace());
+            assert!(r.is_ok(), "{line}: {:?}", r.err());
+        }
+        let cli = Cli::try_parse_from(["trireme", "--log-format", "json", "pool", "list"]).unwrap();
+        assert!(matches!(cli.log_format, LogFormat::Json));
+        assert!(!cli.command.is_server());
+        assert!(Cli::try_parse_from(["trireme", "--log-format", "xml", "up"]).is_err());
+    }
+}

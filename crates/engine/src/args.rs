@@ -41,6 +41,10 @@ pub struct EngineArgs {
     #[arg(long, env = "TRIREME_HEARTBEAT_SECS", default_value_t = 5,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub heartbeat_secs: u64,
+
+    /// Address of the Prometheus `/metrics` endpoint; none when unset.
+    #[arg(long, env = "TRIREME_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl EngineArgs {
@@ -56,6 +60,7 @@ impl EngineArgs {
             control: None,
             state_dir,
             heartbeat_secs: 5,
+            metrics_listen: None,
         }
     }
 }

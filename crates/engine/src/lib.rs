@@ -21,6 +21,7 @@ mod args;
 mod engine;
 mod error;
 mod grpc;
+mod metrics;
 pub mod nexus;
 mod pools;
 mod registration;
@@ -62,6 +63,7 @@ pub struct RunningEngine {
     engine: Arc<Engine>,
     grpc_addr: SocketAddr,
     nbd_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     /// Cancelled on shutdown or when any server fails; a child of the caller's token.
     stop: CancellationToken,
     tasks: JoinSet<(&'static str, anyhow::Result<()>)>,
@@ -78,6 +80,15 @@ pub async fn start(args: EngineArgs, shutdown: CancellationToken) -> anyhow::Res
     let nbd_listener = TcpListener::bind(args.nbd_listen)
         .await
         .with_context(|| format!("cannot listen for NBD on {}", args.nbd_listen))?;
+    let metrics_listener = match args.metrics_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for metrics on {addr}"))?,
+        ),
+        None => None,
+    };
+    let metrics_addr = metrics_listener.as_ref().map(TcpListener::local_addr).transpose()?;
     let grpc_addr = grpc_listener.local_addr()?;
     let nbd_addr = nbd_listener.local_addr()?;
     let endpoints = Endpoints {
@@ -106,11 +117,13 @@ pub async fn start(args: EngineArgs, shutdown: CancellationToken) -> anyhow::Res
 
     let stop = shutdown.child_token();
     let mut tasks = JoinSet::new();
+    let nbd_stats = Arc::new(trireme_nbd::ServerStats::default());
     {
         let registry = engine.shares();
+        let stats = Arc::clone(&nbd_stats);
         let token = stop.clone();
         tasks.spawn(async move {
-            let served = share::serve_nbd(nbd_listener, registry, token).await;
+            let served = share::serve_nbd(nbd_listener, registry, stats, token).await;
             ("nbd server", served.context("NBD server failed"))
         });
     }
@@ -129,6 +142,14 @@ pub async fn start(args: EngineArgs, shutdown: CancellationToken) -> anyhow::Res
             ("grpc server", served.context("gRPC server failed"))
         });
     }
+    if let Some(listener) = metrics_listener {
+        let engine = Arc::clone(&engine);
+        let token = stop.clone();
+        tasks.spawn(async move {
+            let served = metrics::serve(listener, engine, nbd_stats, token).await;
+            ("metrics server", served.context("metrics server failed"))
+        });
+    }
     if let Some(registration) = registration {
         let token = stop.clone();
         tasks.spawn(async move {
@@ -140,7 +161,7 @@ pub async fn start(args: EngineArgs, shutdown: CancellationToken) -> anyhow::Res
         node = %args.node_id, grpc = %endpoints.grpc, nbd = %endpoints.nbd,
         state_dir = %args.state_dir.display(), "engine started"
     );
-    Ok(RunningEngine { engine, grpc_addr, nbd_addr, stop, tasks })
+    Ok(RunningEngine { engine, grpc_addr, nbd_addr, metrics_addr, stop, tasks })
 }
 
 impl RunningEngine {
@@ -156,6 +177,11 @@ impl RunningEngine {
     /// The bound NBD address.
     pub fn nbd_addr(&self) -> SocketAddr {
         self.nbd_addr
+    }
+
+    /// The bound `/metrics` address, if metrics are served.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// Waits for shutdown (or a server failure), then stops the servers and closes the

@@ -133,7 +133,9 @@ impl Export for ReplicaExport {
 pub(crate) async fn serve_nbd(
     listener: tokio::net::TcpListener,
     shares: Arc<Shares>,
+    stats: Arc<trireme_nbd::ServerStats>,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<()> {
-    trireme_nbd::serve_tcp(listener, shares, trireme_nbd::ServerConfig::default(), shutdown).await
+    let config = trireme_nbd::ServerConfig { stats, ..Default::default() };
+    trireme_nbd::serve_tcp(listener, shares, config, shutdown).await
 }

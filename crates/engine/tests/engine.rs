@@ -93,6 +93,7 @@ async fn start_engine(state_dir: &Path, control: Option<SocketAddr>) -> Started 
     let mut args = EngineArgs::local(NodeId::new("node-1").unwrap(), state_dir.to_owned());
     args.control = control.map(|a| format!("http://{a}"));
     args.heartbeat_secs = 1;
+    args.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
     let token = CancellationToken::new();
     let running = trireme_engine::start(args, token.clone()).await.unwrap();
     let client = EngineClient::connect(format!("http://{}", running.grpc_addr())).await.unwrap();
@@ -118,6 +119,25 @@ async fn tool(program: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+async fn scrape(addr: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(WAIT, s.read_to_string(&mut out)).await.unwrap().unwrap();
+    assert!(out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200"), "{out}");
+    out
+}
+
+/// The value of the sample whose line starts with `prefix` (metric name and labels).
+fn sample(metrics: &str, prefix: &str) -> f64 {
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no {prefix} in {metrics}"));
+    line.rsplit(' ').next().unwrap().parse().unwrap()
 }
 
 fn code<T: std::fmt::Debug>(r: Result<Response<T>, Status>) -> Code {
@@ -245,6 +265,17 @@ async fn volume_lifecycle_through_grpc_and_nbd_survives_a_restart() {
     assert_eq!(back.len() as u64, 32 * MIB);
     assert!(back[..data.len()] == data[..], "data read back differs");
     assert!(back[data.len()..].iter().all(|&b| b == 0), "unwritten region is not zero");
+
+    // Metrics show the pool, the nexus and the NBD traffic.
+    let m = scrape(e.running.metrics_addr().unwrap()).await;
+    assert_eq!(sample(&m, "trireme_pool_online{pool=\"pool-1\"}"), 1.0);
+    assert!(sample(&m, "trireme_pool_capacity_bytes{pool=\"pool-1\"}") > 0.0);
+    assert_eq!(
+        sample(&m, &format!("trireme_nexus_state{{volume=\"{volume_id}\",state=\"online\"}}")),
+        1.0
+    );
+    let written = sample(&m, &format!("trireme_nbd_write_bytes_total{{export=\"{volume_id}\"}}"));
+    assert!(written >= data.len() as f64, "{written}");
 
     // The replica is shared too, for remote nexuses.
     let replica_uri = format!("nbd://{}/replica-{}", e.running.nbd_addr(), replica_id);

@@ -16,9 +16,11 @@
 //! I/O timeout.
 
 use std::io::IoSlice;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinSet;
@@ -149,7 +151,14 @@ pub(crate) async fn run<R, W>(
         let tx = tx.clone();
         let stats = Arc::clone(&stats);
         tasks.spawn(async move {
-            let result = ctx.execute(&req, payload).await;
+            // A panic in the export must still answer this cookie, or the client waits forever.
+            let result = match AssertUnwindSafe(ctx.execute(&req, payload)).catch_unwind().await {
+                Ok(result) => result,
+                Err(_) => {
+                    error!(cookie = req.cookie, command = ?req.command, "export panicked");
+                    Err(Failure { errno: errno::EIO, message: "internal error".into() })
+                }
+            };
             stats.record(&req, result.is_ok());
             if let Err(f) = &result {
                 debug!(cookie = req.cookie, command = ?req.command, errno = f.errno, "{}", f.message);

@@ -7,9 +7,14 @@ mod common;
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use common::*;
+use trireme_iobuf::IoBuf;
 use trireme_nbd::ServerConfig;
 use trireme_nbd::proto::{errno, *};
+use trireme_nbd::testing::MemExport;
+use trireme_nbd::{Export, ExportError, Extent};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn truncated_handshake() {
@@ -354,5 +359,51 @@ async fn read_only_export_refuses_writes() {
     assert_eq!(c.simple_reply().await, (errno::EPERM, 2));
     c.request(Command::Read, 0, 3, 0, 512).await;
     assert_eq!(c.simple_reply().await, (0, 3));
+    srv.stop().await;
+}
+
+/// An export whose reads panic: the client gets EIO for that request, nothing else breaks.
+struct Panicky(MemExport);
+
+#[async_trait::async_trait]
+impl Export for Panicky {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    async fn read(&self, _: u64, _: u32) -> Result<IoBuf, ExportError> {
+        panic!("bug in the export")
+    }
+    async fn write(&self, o: u64, d: IoBuf, f: bool) -> Result<(), ExportError> {
+        self.0.write(o, d, f).await
+    }
+    async fn flush(&self) -> Result<(), ExportError> {
+        Err(ExportError::Io("disk on fire".into()))
+    }
+    async fn trim(&self, o: u64, l: u64, f: bool) -> Result<(), ExportError> {
+        self.0.trim(o, l, f).await
+    }
+    async fn write_zeroes(&self, o: u64, l: u64, t: bool, f: bool) -> Result<(), ExportError> {
+        self.0.write_zeroes(o, l, t, f).await
+    }
+    async fn block_status(&self, o: u64, l: u64) -> Result<Vec<Extent>, ExportError> {
+        self.0.block_status(o, l).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_panics_and_errors_become_error_replies() {
+    let (registry, export) = registry();
+    registry.insert(NAME, "panics on read", Arc::new(Panicky(MemExport::new(SIZE))));
+    let srv = start_registry(registry, export, ServerConfig::default()).await;
+    for structured in [false, true] {
+        let mut c = Raw::ready(srv.addr, structured).await;
+        c.request(Command::Read, 0, 1, 0, 4096).await;
+        assert_eq!(c.any_reply().await.0, errno::EIO);
+        c.request(Command::Flush, 0, 2, 0, 0).await;
+        assert_eq!(c.any_reply().await.0, errno::EIO);
+        c.request(Command::Write, 0, 3, 0, 512).await;
+        c.send(&[1u8; 512]).await;
+        assert_eq!(c.any_reply().await.0, 0);
+    }
     srv.stop().await;
 }

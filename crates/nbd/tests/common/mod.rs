@@ -51,6 +51,15 @@ pub async fn start() -> TestServer {
 
 pub async fn start_with(config: ServerConfig) -> TestServer {
     let (registry, export) = registry();
+    start_registry(registry, export, config).await
+}
+
+/// Serves `registry`; `export` is the one tests inspect.
+pub async fn start_registry(
+    registry: Arc<MemRegistry>,
+    export: Arc<MemExport>,
+    config: ServerConfig,
+) -> TestServer {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let shutdown = CancellationToken::new();

@@ -66,7 +66,14 @@ pub(crate) fn parse(cap: &VolumeCapability) -> Result<Access, String> {
     }
 }
 
-/// Validates a required capability field of a request.
+/// Validates a required capability field of a node request: a missing one is
+/// INVALID_ARGUMENT, one the volume cannot serve FAILED_PRECONDITION ("exceeds capabilities").
+pub(crate) fn require_on_node(cap: Option<&VolumeCapability>) -> Result<Access, Status> {
+    let cap = cap.ok_or_else(|| Status::invalid_argument("volume_capability is required"))?;
+    parse(cap).map_err(Status::failed_precondition)
+}
+
+/// Validates a required capability field of a controller request.
 pub(crate) fn require(cap: Option<&VolumeCapability>) -> Result<Access, Status> {
     let cap = cap.ok_or_else(|| Status::invalid_argument("volume_capability is required"))?;
     parse(cap).map_err(Status::invalid_argument)

@@ -96,7 +96,7 @@ impl NodeService {
     }
 
     async fn stage(&self, req: NodeStageVolumeRequest) -> Result<(), Status> {
-        let access = caps::require(req.volume_capability.as_ref())?;
+        let access = caps::require_on_node(req.volume_capability.as_ref())?;
         let staging = PathBuf::from(&req.staging_target_path);
         let (fs_requested, flags) = match &access {
             Access::Block => (None, Vec::new()),
@@ -263,7 +263,7 @@ impl NodeService {
     }
 
     async fn publish(&self, req: NodePublishVolumeRequest) -> Result<(), Status> {
-        let access = caps::require(req.volume_capability.as_ref())?;
+        let access = caps::require_on_node(req.volume_capability.as_ref())?;
         let target = PathBuf::from(&req.target_path);
         let staging = PathBuf::from(&req.staging_target_path);
         let record = self.state.load(&req.volume_id)?.filter(|r| r.staged).ok_or_else(|| {
@@ -389,7 +389,7 @@ impl Node for NodeService {
         let req = request.into_inner();
         required(&req.volume_id, "volume_id")?;
         required(&req.staging_target_path, "staging_target_path")?;
-        caps::require(req.volume_capability.as_ref())?;
+        caps::require_on_node(req.volume_capability.as_ref())?;
         let _guard = self.lock(&req.volume_id)?;
         self.stage(req).await?;
         Ok(Response::new(NodeStageVolumeResponse {}))
@@ -414,7 +414,7 @@ impl Node for NodeService {
         let req = request.into_inner();
         required(&req.volume_id, "volume_id")?;
         required(&req.target_path, "target_path")?;
-        caps::require(req.volume_capability.as_ref())?;
+        caps::require_on_node(req.volume_capability.as_ref())?;
         if req.staging_target_path.trim().is_empty() {
             return Err(Status::failed_precondition(
                 "staging_target_path is required: stage the volume first",

@@ -463,6 +463,11 @@ impl Pool {
     }
 
     #[cfg(test)]
+    pub(crate) async fn flush_for_test_result(&self) -> Result<(), PoolError> {
+        self.inner.flush(false).await
+    }
+
+    #[cfg(test)]
     pub(crate) async fn flush_for_test(&self) {
         self.inner.flush(false).await.unwrap_or_else(|e| panic!("flush: {e}"));
     }

@@ -382,16 +382,26 @@ impl Ctx<'_> {
     ) -> Result<Option<IoBuf>, PoolError> {
         let cs = self.inner.cluster_size();
         let sem = Arc::new(tokio::sync::Semaphore::new(0));
-        let new = {
-            let mut m = self.inner.meta();
-            let Some(new) = m.reserve() else {
-                return Err(PoolError::NoSpace {
-                    needed: ByteSize::b(cs),
-                    free: ByteSize::b(m.free_clusters() * cs),
-                });
+        let mut committed = false;
+        let new = loop {
+            let quarantined = {
+                let mut m = self.inner.meta();
+                if let Some(new) = m.reserve() {
+                    m.inflight.insert((self.id, v), sem.clone());
+                    break new;
+                }
+                if committed || m.quarantine.is_empty() {
+                    return Err(PoolError::NoSpace {
+                        needed: ByteSize::b(cs),
+                        free: ByteSize::b(m.free_clusters() * cs),
+                    });
+                }
+                m.quarantine.len()
             };
-            m.inflight.insert((self.id, v), sem.clone());
-            new
+            // Released clusters wait for their release to be durable; make it so and retry.
+            tracing::debug!(quarantined, "pool full; committing releases before allocating");
+            self.inner.flush(false).await?;
+            committed = true;
         };
         let res = self.fill(new, old, buf, boff, len, within).await;
         let mut m = self.inner.meta();

@@ -23,7 +23,18 @@ struct MemState {
     meta_end: u64,
     meta_writes: u64,
     crash_at: Option<u64>,
+    /// Whether the crashing write is torn, or completes just before the power goes.
+    tear: bool,
     crashed: bool,
+}
+
+/// Which writes not yet synced a simulated reboot finds on the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Survivors {
+    None,
+    All,
+    /// Metadata writes survive, data writes do not: the worst reordering a disk cache may do.
+    MetadataOnly,
 }
 
 fn dead() -> io::Error {
@@ -40,6 +51,7 @@ impl MemDev {
                 meta_end: 0,
                 meta_writes: 0,
                 crash_at: None,
+                tear: true,
                 crashed: false,
             }),
         }
@@ -60,12 +72,14 @@ impl MemDev {
         self.st.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Arms the crash: metadata write number `n` (1-based, counted from now) is torn.
-    pub(crate) fn crash_at_meta_write(&self, meta_end: u64, n: u64) {
+    /// Arms the crash: power goes at metadata write number `n` (1-based, counted from now),
+    /// tearing it in half if `tear`, else right after it.
+    pub(crate) fn crash_at_meta_write(&self, meta_end: u64, n: u64, tear: bool) {
         let mut st = self.lock();
         st.meta_end = meta_end;
         st.meta_writes = 0;
         st.crash_at = Some(n);
+        st.tear = tear;
     }
 
     pub(crate) fn crashed(&self) -> bool {
@@ -76,11 +90,22 @@ impl MemDev {
         self.lock().meta_writes
     }
 
-    /// What a reboot would find: the durable image, plus (if `keep_unsynced`) the writes the
-    /// cache had not flushed yet.
-    pub(crate) fn crash_image(&self, keep_unsynced: bool) -> Vec<u8> {
+    /// What a reboot would find: the durable image plus the unsynced writes `keep` says.
+    pub(crate) fn crash_image(&self, keep: Survivors) -> Vec<u8> {
         let st = self.lock();
-        if keep_unsynced { st.cur.clone() } else { st.durable.clone() }
+        match keep {
+            Survivors::None => st.durable.clone(),
+            Survivors::All => st.cur.clone(),
+            Survivors::MetadataOnly => {
+                let mut img = st.durable.clone();
+                for &(o, l) in &st.unsynced {
+                    if (o as u64) < st.meta_end {
+                        img[o..o + l].copy_from_slice(&st.cur[o..o + l]);
+                    }
+                }
+                img
+            }
+        }
     }
 
     /// Overwrites bytes in both images (tests corrupt metadata with it).
@@ -116,6 +141,12 @@ impl MemDev {
         }
         if off < st.meta_end {
             st.meta_writes += 1;
+            if st.crash_at == Some(st.meta_writes) && !st.tear {
+                st.cur[o..o + len].copy_from_slice(&buf[buf_off..buf_off + len]);
+                st.unsynced.push((o, len));
+                st.crashed = true;
+                return (buf, Err(dead()));
+            }
             if st.crash_at == Some(st.meta_writes) {
                 let half = (len / 2).max(1).min(len);
                 st.durable[o..o + half].copy_from_slice(&buf[buf_off..buf_off + half]);

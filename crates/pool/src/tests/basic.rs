@@ -105,7 +105,7 @@ async fn thick_resize_meta_and_reimport() {
     let used = pool.info().used;
     pool.close().await.unwrap();
     assert!(matches!(r.write(0, buf(&[1]), false).await, Err(PoolError::Closed)));
-    let (_d, again) = import_image(dev.crash_image(false)).await.unwrap();
+    let (_d, again) = import_image(dev.crash_image(crate::io::mem::Survivors::None)).await.unwrap();
     let ri = again.replica_info(id).unwrap();
     assert_eq!(ri.meta, meta2);
     assert_eq!(ri.size, ByteSize::b(5 * CS));
@@ -144,7 +144,7 @@ async fn snapshot_and_clone_copy_on_write() {
     assert_eq!(&cr.read(0, 4096).await.unwrap()[..], &[3; 4096][..]);
     check_meta(&pool);
     pool.flush_for_test().await;
-    let (_d, again) = import_image(dev.crash_image(false)).await.unwrap();
+    let (_d, again) = import_image(dev.crash_image(crate::io::mem::Survivors::None)).await.unwrap();
     let cr2 = again.open_replica(cid).unwrap();
     assert_eq!(&cr2.read(0, 4096).await.unwrap()[..], &[3; 4096][..]);
     assert_eq!(&cr2.read(4096, 4096).await.unwrap()[..], &[1; 4096][..]);
@@ -157,14 +157,14 @@ async fn superblock_copies_and_truncation() {
     let id = ReplicaId::new_random();
     pool.create_replica(id, ByteSize::b(CS), true, ReplicaMeta::default()).await.unwrap();
     pool.close().await.unwrap();
-    let image = dev.crash_image(false);
+    let image = dev.crash_image(crate::io::mem::Survivors::None);
 
     // Copy A corrupt: import uses B, and repairs A.
     let mut a_bad = image.clone();
     a_bad[100] ^= 0xff;
     let (d2, p2) = import_image(a_bad).await.unwrap();
     assert!(p2.replica_info(id).is_ok());
-    let repaired = d2.crash_image(false);
+    let repaired = d2.crash_image(crate::io::mem::Survivors::None);
     assert_eq!(repaired[..4096], image[..4096]);
 
     // Both corrupt: a clear error.
@@ -206,7 +206,7 @@ async fn torn_journal_tail_replays_valid_prefix() {
     r.flush().await.unwrap();
     let j = pool.inner().journal_state().await;
     assert!(j.tail > tail_before, "second flush wrote a commit");
-    let mut image = dev.crash_image(false);
+    let mut image = dev.crash_image(crate::io::mem::Survivors::None);
     // Corrupt the last commit: replay must stop before it.
     let at = (pool.inner().sb.layout.journal_offset + tail_before + 40) as usize;
     image[at] ^= 0x55;
@@ -236,7 +236,7 @@ async fn journal_rolls_over_into_checkpoints() {
     }
     let j = pool.inner().journal_state().await;
     assert!(j.checkpoints >= 3, "checkpoints: {}", j.checkpoints);
-    let (_d, again) = import_image(dev.crash_image(false)).await.unwrap();
+    let (_d, again) = import_image(dev.crash_image(crate::io::mem::Survivors::None)).await.unwrap();
     let r2 = again.open_replica(id).unwrap();
     for i in 0..40u64 {
         assert_eq!(&r2.read(i * CS, 4096).await.unwrap()[..], &[i as u8 + 1; 4096][..]);
@@ -274,5 +274,33 @@ async fn concurrent_writes_to_one_unallocated_cluster() {
         assert_eq!(&r.read(CS + i * 512, 512).await.unwrap()[..], &[0xa0 + i as u8; 512][..]);
     }
     assert_eq!(r.allocated().unwrap(), ByteSize::b(2 * CS));
+    check_meta(&pool);
+}
+
+#[tokio::test]
+async fn released_cluster_is_not_reused_before_release_is_durable() {
+    use crate::io::mem::Survivors;
+    let geo = Geo { clusters: 4, ..Geo::small() };
+    let (dev, pool) = mem_pool(&geo).await;
+    let (a, b) = (ReplicaId::new_random(), ReplicaId::new_random());
+    pool.create_replica(a, ByteSize::b(2 * CS), true, ReplicaMeta::default()).await.unwrap();
+    pool.create_replica(b, ByteSize::b(3 * CS), true, ReplicaMeta::default()).await.unwrap();
+    let (ra, rb) = (pool.open_replica(a).unwrap(), pool.open_replica(b).unwrap());
+    ra.write(0, buf(&vec![0xaa; 2 * CS as usize]), true).await.unwrap();
+    ra.trim(0, CS).await.unwrap();
+    rb.write(0, buf(&[0xbb; 4096]), false).await.unwrap();
+    rb.write(CS, buf(&[0xbb; 4096]), false).await.unwrap();
+    // The pool is full but for the trimmed cluster: taking it must first make the trim durable.
+    rb.write(2 * CS, buf(&[0xbb; 4096]), false).await.unwrap();
+    let (_d, again) = import_image(dev.crash_image(Survivors::All)).await.unwrap();
+    let ra2 = again.open_replica(a).unwrap();
+    let first = ra2.read(0, 4096).await.unwrap();
+    assert!(first.iter().all(|&x| x == 0), "replica a sees replica b's data");
+    // And a full pool with nothing to release answers NoSpace.
+    assert!(matches!(rb.write(2 * CS - 4096, buf(&[1; 4096]), false).await, Ok(())));
+    let c = ReplicaId::new_random();
+    pool.create_replica(c, ByteSize::b(CS), true, ReplicaMeta::default()).await.unwrap();
+    let rc = pool.open_replica(c).unwrap();
+    assert!(matches!(rc.write(0, buf(&[1; 4096]), false).await, Err(PoolError::NoSpace { .. })));
     check_meta(&pool);
 }

@@ -74,23 +74,33 @@ async fn run(ops: Vec<Op>) {
                 }
                 let size = clusters * CS + tail * 1536;
                 let id = ReplicaId::new_random();
-                pool.create_replica(id, ByteSize::b(size), thin, ReplicaMeta::default()).await.unwrap();
+                pool.create_replica(id, ByteSize::b(size), thin, ReplicaMeta::default())
+                    .await
+                    .unwrap();
                 reps.push(ModelReplica { id, data: vec![0; size as usize] });
             }
             Op::Write { r, off, len, aligned, byte, fua } => {
-                let Some(m) = (!reps.is_empty()).then(|| r % reps.len()).map(|i| &mut reps[i]) else { continue };
+                let Some(m) = (!reps.is_empty()).then(|| r % reps.len()).map(|i| &mut reps[i])
+                else {
+                    continue;
+                };
                 let (off, len) = range(m.data.len() as u64, off, len, aligned);
                 let data = vec![byte; len as usize];
                 pool.open_replica(m.id).unwrap().write(off, buf(&data), fua).await.unwrap();
                 m.data[off as usize..(off + len) as usize].copy_from_slice(&data);
             }
             Op::Trim { r, off, len } | Op::Zeroes { r, off, len, .. } => {
-                let Some(m) = (!reps.is_empty()).then(|| r % reps.len()).map(|i| &mut reps[i]) else { continue };
+                let Some(m) = (!reps.is_empty()).then(|| r % reps.len()).map(|i| &mut reps[i])
+                else {
+                    continue;
+                };
                 let (off, len) = range(m.data.len() as u64, off, len, false);
                 let h = pool.open_replica(m.id).unwrap();
                 match op {
                     Op::Trim { .. } => h.trim(off, len).await.unwrap(),
-                    Op::Zeroes { may_trim, .. } => h.write_zeroes(off, len, may_trim).await.unwrap(),
+                    Op::Zeroes { may_trim, .. } => {
+                        h.write_zeroes(off, len, may_trim).await.unwrap()
+                    }
                     _ => unreachable!(),
                 }
                 m.data[off as usize..(off + len) as usize].fill(0);
@@ -129,7 +139,10 @@ async fn run(ops: Vec<Op>) {
                 pool.destroy_snapshot(sid).await.unwrap();
             }
             Op::Resize { r, add } => {
-                let Some(m) = (!reps.is_empty()).then(|| r % reps.len()).map(|i| &mut reps[i]) else { continue };
+                let Some(m) = (!reps.is_empty()).then(|| r % reps.len()).map(|i| &mut reps[i])
+                else {
+                    continue;
+                };
                 let size = m.data.len() as u64 + add;
                 if size > 6 * CS {
                     continue;
@@ -140,7 +153,8 @@ async fn run(ops: Vec<Op>) {
             Op::Flush => pool.flush_for_test().await,
             Op::Reopen => {
                 pool.close().await.unwrap();
-                let (d, p) = import_image(dev.crash_image(false)).await.unwrap();
+                let (d, p) =
+                    import_image(dev.crash_image(crate::io::mem::Survivors::None)).await.unwrap();
                 dev = d;
                 pool = p;
             }

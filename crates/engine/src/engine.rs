@@ -77,6 +77,14 @@ impl Engine {
         }
     }
 
+    /// Wraps a pool error, noticing when the pool stopped itself.
+    fn pool_error(&self, name: &PoolId, e: PoolError) -> EngineError {
+        if matches!(e, PoolError::Failed) {
+            self.pools.mark_failed(name, &e);
+        }
+        EngineError::pool(name, e)
+    }
+
     // ---- pools
 
     pub async fn create_pool(
@@ -126,8 +134,8 @@ impl Engine {
         let info = pool
             .create_replica(id, size, thin, meta)
             .await
-            .map_err(|e| EngineError::pool(pool_name, e))?;
-        let replica = pool.open_replica(id).map_err(|e| EngineError::pool(pool_name, e))?;
+            .map_err(|e| self.pool_error(pool_name, e))?;
+        let replica = pool.open_replica(id).map_err(|e| self.pool_error(pool_name, e))?;
         self.shares.share_replica(replica);
         tracing::info!(replica = %id, pool = %pool_name, %size, thin, "replica created");
         Ok(info)
@@ -152,7 +160,7 @@ impl Engine {
                 if let Ok(replica) = pool.open_replica(id) {
                     self.shares.share_replica(replica);
                 }
-                Err(EngineError::pool(&name, e))
+                Err(self.pool_error(&name, e))
             }
         }
     }
@@ -164,7 +172,7 @@ impl Engine {
     ) -> Result<(PoolId, ReplicaInfo), EngineError> {
         let (name, pool, _) =
             self.pools.find_replica(id).ok_or(EngineError::ReplicaNotFound(id))?;
-        let info = pool.resize_replica(id, size).await.map_err(|e| EngineError::pool(&name, e))?;
+        let info = pool.resize_replica(id, size).await.map_err(|e| self.pool_error(&name, e))?;
         Ok((name, info))
     }
 
@@ -191,7 +199,7 @@ impl Engine {
             ChildUri::Local(id) => {
                 let (name, pool, _) =
                     self.pools.find_replica(*id).ok_or(EngineError::ReplicaNotFound(*id))?;
-                let replica = pool.open_replica(*id).map_err(|e| EngineError::pool(&name, e))?;
+                let replica = pool.open_replica(*id).map_err(|e| self.pool_error(&name, e))?;
                 Ok(Arc::new(LocalChild::new(replica)))
             }
             ChildUri::Nbd { .. } => {

@@ -238,6 +238,17 @@ impl Pools {
         }
     }
 
+    /// Marks an online pool faulted after it stopped itself (a failed metadata write): it
+    /// serves nothing more until `create` imports it again.
+    pub fn mark_failed(&self, name: &PoolId, error: &PoolError) {
+        let mut slots = self.slots.lock();
+        if let Some(slot @ Slot::Online(_)) = slots.get_mut(name) {
+            let disk = slot.disk().to_owned();
+            tracing::error!(pool = %name, %error, "pool failed; marked faulted until imported again");
+            *slot = Slot::Faulted { disk, error: error.to_string() };
+        }
+    }
+
     pub fn online(&self) -> Vec<(PoolId, Arc<Pool>)> {
         self.slots
             .lock()

@@ -54,8 +54,12 @@ impl rpc::registry_server::Registry for Svc {
 }
 
 async fn start_registry() -> (Arc<FakeRegistry>, SocketAddr, CancellationToken) {
+    start_registry_on("127.0.0.1:0".parse().unwrap()).await
+}
+
+async fn start_registry_on(addr: SocketAddr) -> (Arc<FakeRegistry>, SocketAddr, CancellationToken) {
     let registry = Arc::new(FakeRegistry::default());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let token = CancellationToken::new();
     let svc = rpc::registry_server::RegistryServer::new(Svc(Arc::clone(&registry)));
@@ -514,4 +518,23 @@ async fn a_pool_whose_disk_is_gone_is_listed_as_faulted_after_restart() {
     let p = e.client.create_pool(create_pool_req("p", &disk, 64 * MIB)).await.unwrap().into_inner();
     assert_eq!(p.state, rpc::PoolState::Online as i32);
     stop_engine(e).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_engine_serves_while_control_is_down_and_registers_once_it_is_up() {
+    let dir = tempfile::tempdir().unwrap();
+    // A port where nothing listens yet.
+    let control_addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let mut e = start_engine(&dir.path().join("state"), Some(control_addr)).await;
+    // Registration retries in the background; the gRPC API answers meanwhile.
+    let node = e.client.get_node(rpc::GetNodeRequest {}).await.unwrap().into_inner();
+    assert_eq!(node.grpc_endpoint, e.running.grpc_addr().to_string());
+    let (registry, _, control_stop) = start_registry_on(control_addr).await;
+    wait_for("registration once control is up", || !registry.registrations.lock().is_empty()).await;
+    wait_for("heartbeats", || registry.heartbeats.load(Ordering::SeqCst) >= 2).await;
+    stop_engine(e).await;
+    control_stop.cancel();
 }

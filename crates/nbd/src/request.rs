@@ -16,7 +16,10 @@ pub(crate) struct RequestContext {
     pub caps: Capabilities,
     pub structured: bool,
     pub allocation_context: Option<u32>,
+    /// Largest READ/WRITE payload: the server's limit or the export's, whichever is smaller.
     pub max_request: u32,
+    /// The export's minimum block size; offsets and lengths must be multiples of it.
+    pub min_block: u32,
 }
 
 /// A failed request: the errno sent to the client and a message for humans (structured replies
@@ -90,6 +93,19 @@ impl RequestContext {
                 format!("range {offset}+{len} exceeds the export size {}", self.size),
             )
         };
+        let data_command = matches!(
+            req.command,
+            Command::Read | Command::Write | Command::Trim | Command::WriteZeroes
+        );
+        if data_command && self.min_block > 1 {
+            let m = u64::from(self.min_block);
+            if offset % m != 0 || len % m != 0 {
+                return Err(Failure::new(
+                    errno::EINVAL,
+                    format!("{offset}+{len} is not aligned to the {m}-byte minimum block size"),
+                ));
+            }
+        }
         match req.command {
             Command::Read => {
                 if req.flags & CMD_FLAG_DF != 0 && !self.structured {
@@ -111,6 +127,9 @@ impl RequestContext {
                 Ok(Success::Data(buf))
             }
             Command::Write => {
+                if req.length > self.max_request {
+                    return Err(self.too_long(req.length));
+                }
                 if self.caps.read_only {
                     return Err(Failure::from(ExportError::ReadOnly));
                 }

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use async_trait::async_trait;
 use trireme_iobuf::IoBuf;
 
-use crate::export::{Capabilities, Export, ExportError, ExportRegistry, Extent};
+use crate::export::{BlockSizes, Capabilities, Export, ExportError, ExportRegistry, Extent};
 
 const BLOCK: u64 = 4096;
 
@@ -19,6 +19,7 @@ const BLOCK: u64 = 4096;
 pub struct MemExport {
     size: u64,
     caps: Capabilities,
+    sizes: BlockSizes,
     blocks: Mutex<BTreeMap<u64, Box<[u8]>>>,
     flushes: AtomicU64,
 }
@@ -29,7 +30,19 @@ impl MemExport {
     }
 
     pub fn with_capabilities(size: u64, caps: Capabilities) -> Self {
-        Self { size, caps, blocks: Mutex::new(BTreeMap::new()), flushes: AtomicU64::new(0) }
+        Self {
+            size,
+            caps,
+            sizes: BlockSizes::default(),
+            blocks: Mutex::new(BTreeMap::new()),
+            flushes: AtomicU64::new(0),
+        }
+    }
+
+    /// Advertises other block-size constraints (the server enforces them).
+    pub fn with_block_sizes(mut self, sizes: BlockSizes) -> Self {
+        self.sizes = sizes;
+        self
     }
 
     /// Number of allocated 4 KiB blocks.
@@ -95,6 +108,10 @@ impl Export for MemExport {
 
     fn capabilities(&self) -> Capabilities {
         self.caps
+    }
+
+    fn block_sizes(&self) -> BlockSizes {
+        self.sizes
     }
 
     async fn read(&self, offset: u64, len: u32) -> Result<IoBuf, ExportError> {

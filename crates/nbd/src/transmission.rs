@@ -70,13 +70,15 @@ pub(crate) async fn run<R, W>(
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let caps = session.export.capabilities();
+    let sizes = session.export.block_sizes();
     let ctx = Arc::new(RequestContext {
         export: session.export,
         size: session.size,
         caps,
         structured: session.structured,
         allocation_context: session.allocation_context,
-        max_request: config.max_request,
+        max_request: config.max_request.min(sizes.maximum).max(1),
+        min_block: sizes.minimum.max(1),
     });
     let max_in_flight = config.max_in_flight.max(1);
     let (tx, rx) = mpsc::channel::<Outgoing>(max_in_flight);

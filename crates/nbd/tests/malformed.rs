@@ -14,7 +14,7 @@ use trireme_iobuf::IoBuf;
 use trireme_nbd::ServerConfig;
 use trireme_nbd::proto::{errno, *};
 use trireme_nbd::testing::MemExport;
-use trireme_nbd::{Export, ExportError, Extent};
+use trireme_nbd::{BlockSizes, Export, ExportError, Extent};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn truncated_handshake() {
@@ -93,6 +93,7 @@ async fn unknown_option_is_unsupported_and_session_continues() {
     assert_eq!(c.go(NAME).await, Ok((SIZE, c_flags())));
     c.request(Command::Read, 0, 7, 0, 512).await;
     assert_eq!(c.simple_reply().await, (0, 7));
+    assert_healthy(srv.addr).await;
     srv.stop().await;
 }
 
@@ -162,6 +163,7 @@ async fn export_name_and_abort() {
     c.option(OPT_ABORT, &[]).await;
     assert_eq!(c.option_reply().await.reply_type, REP_ACK);
     assert!(c.closed().await);
+    assert_healthy(srv.addr).await;
     srv.stop().await;
 }
 
@@ -405,5 +407,43 @@ async fn export_panics_and_errors_become_error_replies() {
         c.send(&[1u8; 512]).await;
         assert_eq!(c.any_reply().await.0, 0);
     }
+    srv.stop().await;
+}
+
+/// An export with 4 KiB minimum and 64 KiB maximum blocks: the server refuses what breaks them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_size_constraints_are_enforced() {
+    let (registry, export) = registry();
+    let sizes = BlockSizes { minimum: 4096, preferred: 4096, maximum: 65536 };
+    registry.insert(NAME, "4k", Arc::new(MemExport::new(SIZE).with_block_sizes(sizes)));
+    let srv = start_registry(registry, export, ServerConfig::default()).await;
+    let mut c = Raw::negotiating(srv.addr).await;
+    let req = InfoRequest { name: NAME.into(), requests: vec![INFO_BLOCK_SIZE] };
+    c.option(OPT_INFO, &req.encode()).await;
+    let advertised: Vec<_> = c
+        .option_replies()
+        .await
+        .iter()
+        .filter_map(|r| Info::decode(&r.data).ok().flatten())
+        .collect();
+    assert!(advertised.contains(&Info::BlockSize {
+        minimum: 4096,
+        preferred: 4096,
+        maximum: 65536
+    }));
+    c.go(NAME).await.unwrap();
+    c.request(Command::Read, 0, 1, 512, 4096).await;
+    assert_eq!(c.simple_reply().await, (errno::EINVAL, 1));
+    c.request(Command::Write, 0, 2, 0, 1000).await;
+    c.send(&[1u8; 1000]).await;
+    assert_eq!(c.simple_reply().await, (errno::EINVAL, 2));
+    // Over the export's maximum but within the server's: read and refused, stream in sync.
+    c.request(Command::Write, 0, 3, 0, 131072).await;
+    c.send(&vec![1u8; 131072]).await;
+    assert_eq!(c.simple_reply().await, (errno::EINVAL, 3));
+    c.request(Command::Read, 0, 4, 0, 131072).await;
+    assert_eq!(c.simple_reply().await, (errno::EINVAL, 4));
+    c.request(Command::Read, 0, 5, 4096, 4096).await;
+    assert_eq!(c.simple_reply().await, (0, 5));
     srv.stop().await;
 }

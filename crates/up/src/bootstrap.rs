@@ -142,6 +142,55 @@ pub async fn ensure_pool(
     }
 }
 
+/// Waits until pools `1..=nodes` are online: control creates (or imports) them on their
+/// engines asynchronously, and a volume can only be placed on an online pool.
+pub async fn wait_for_pools(client: &Client, nodes: u16, layout: &Layout) -> Result<(), UpError> {
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    loop {
+        let listed = match tokio::time::timeout(CALL_TIMEOUT, client.pools()).await {
+            Ok(Ok(listed)) => listed,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "cannot list pools yet");
+                Vec::new()
+            }
+            Err(_) => Vec::new(),
+        };
+        let pending = (1..=nodes).find_map(|i| {
+            let name = pool_name(i);
+            match listed.iter().find(|p| p.id.as_str() == name) {
+                Some(p) if p.status.state == PoolState::Online => None,
+                Some(p) => Some((
+                    i,
+                    p.status
+                        .error
+                        .clone()
+                        .unwrap_or_else(|| format!("it is {}", serde_name(&p.status.state))),
+                )),
+                None => Some((i, "control does not list it".to_owned())),
+            }
+        });
+        let Some((index, reason)) = pending else {
+            return Ok(());
+        };
+        if Instant::now() >= deadline {
+            return Err(UpError::PoolNotOnline {
+                pool: pool_name(index),
+                reason,
+                after: STEP_TIMEOUT,
+                log: layout.log_file(&node_name(index)),
+            });
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+fn serde_name(state: &PoolState) -> String {
+    match serde_json::to_value(state) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => format!("{state:?}"),
+    }
+}
+
 /// Right after registration an engine may still be importing its pools, and control may not
 /// have seen the node yet: "unavailable", other server-side errors and "not found" clear on
 /// their own.

@@ -59,6 +59,8 @@ pub enum UpError {
     NodeNotOnline { node: String, after: Duration, log: PathBuf },
     #[error("pool {pool} could not be created on {node}: {reason}")]
     Pool { pool: String, node: String, reason: String },
+    #[error("pool {pool} did not come online within {}s ({reason}); see {log}", .after.as_secs())]
+    PoolNotOnline { pool: String, reason: String, after: Duration, log: PathBuf },
     #[error("cannot talk to control: {0}")]
     Client(#[from] trireme_api::ClientError),
 }

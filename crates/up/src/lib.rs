@@ -169,6 +169,8 @@ async fn start(
     for engine in &ports.engines {
         bootstrap::ensure_pool(&client, engine.index, args.pool_size, layout).await?;
     }
+    bootstrap::wait_for_pools(&client, args.nodes, layout).await?;
+    tracing::info!(pools = args.nodes, "every pool is online");
     Ok(())
 }
 

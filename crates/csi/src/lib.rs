@@ -18,6 +18,8 @@
 //! Both plugins also serve the Identity service. Snapshot RPCs answer `UNIMPLEMENTED` and are
 //! not advertised until Trireme's snapshots reach the REST API.
 
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 mod args;
 mod caps;
 mod controller;

@@ -2,6 +2,8 @@
 //! repeats, and the error code the spec prescribes for each failure, driven over the plugins'
 //! unix sockets by a gRPC client.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::collections::HashMap;
@@ -320,9 +322,8 @@ async fn validate_list_capacity_expand_and_capabilities() {
     let rpcs: Vec<i32> = caps
         .capabilities
         .iter()
-        .filter_map(|c| match &c.r#type {
-            Some(controller_service_capability::Type::Rpc(r)) => Some(r.r#type),
-            None => None,
+        .filter_map(|c| {
+            c.r#type.as_ref().map(|controller_service_capability::Type::Rpc(r)| r.r#type)
         })
         .collect();
     for want in [
@@ -539,10 +540,7 @@ async fn node_rpcs_and_their_errors() {
     let rpcs: Vec<i32> = caps
         .capabilities
         .iter()
-        .filter_map(|c| match &c.r#type {
-            Some(node_service_capability::Type::Rpc(r)) => Some(r.r#type),
-            None => None,
-        })
+        .filter_map(|c| c.r#type.as_ref().map(|node_service_capability::Type::Rpc(r)| r.r#type))
         .collect();
     for want in
         [NRpc::StageUnstageVolume, NRpc::GetVolumeStats, NRpc::ExpandVolume, NRpc::VolumeCondition]

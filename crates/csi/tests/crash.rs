@@ -2,6 +2,8 @@
 //! NodeUnstageVolume, restarted on the same state dir, and the RPC retried: it converges, and
 //! nothing is leaked or attached twice.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -21,10 +23,9 @@ fn wait(what: &str, mut cond: impl FnMut() -> bool) {
 fn loops_backed_by(file: &Path) -> Vec<String> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/sys/block").unwrap().flatten() {
-        if let Ok(b) = std::fs::read_to_string(e.path().join("loop/backing_file")) {
-            if Path::new(b.trim_end()) == file {
-                out.push(e.file_name().to_string_lossy().into_owned());
-            }
+        let backing = std::fs::read_to_string(e.path().join("loop/backing_file"));
+        if backing.is_ok_and(|b| Path::new(b.trim_end()) == file) {
+            out.push(e.file_name().to_string_lossy().into_owned());
         }
     }
     out

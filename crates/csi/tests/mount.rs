@@ -1,6 +1,8 @@
 //! Real attach and mount on this machine: stage, publish, write, tear down, stage again; grow
 //! the file system; raw block access. Needs root, /dev/fuse, nbdfuse, nbdkit, losetup.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::io::{Read as _, Seek as _, SeekFrom, Write as _};
@@ -132,7 +134,7 @@ async fn stage_publish_write_teardown_restage_and_expand() {
         .into_inner();
     assert_eq!(expanded.capacity_bytes, 128 * MIB);
     let after = nix::sys::statvfs::statvfs(&target).unwrap();
-    let size = |s: &nix::sys::statvfs::Statvfs| s.blocks() as u64 * s.fragment_size() as u64;
+    let size = |s: &nix::sys::statvfs::Statvfs| s.blocks() * s.fragment_size();
     assert!(
         size(&after) > size(&before) + 50 * MIB as u64,
         "file system did not grow: {} -> {}",

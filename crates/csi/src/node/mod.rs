@@ -105,12 +105,11 @@ impl NodeService {
                 flags.clone(),
             ),
         };
-        if let Some(fs) = &fs_requested {
-            if !caps::FS_TYPES.contains(&fs.as_str()) {
-                return Err(Status::failed_precondition(format!(
-                    "file system {fs:?} is not supported"
-                )));
-            }
+        if let Some(fs) = fs_requested.as_ref().filter(|fs| !caps::FS_TYPES.contains(&fs.as_str()))
+        {
+            return Err(Status::failed_precondition(format!(
+                "file system {fs:?} is not supported"
+            )));
         }
         let wanted = StageRecord {
             version: RECORD_VERSION,
@@ -251,10 +250,8 @@ impl NodeService {
     async fn unstage(&self, volume_id: &str, staging: &Path) -> Result<(), Status> {
         let record = self.state.load(volume_id)?;
         mounts::unmount_all(staging).await?;
-        if let Some(r) = &record {
-            if r.staging_path != staging {
-                mounts::unmount_all(&r.staging_path).await?;
-            }
+        if let Some(r) = record.as_ref().filter(|r| r.staging_path != staging) {
+            mounts::unmount_all(&r.staging_path).await?;
         }
         attach::detach(&self.state, volume_id, record.as_ref().and_then(|r| r.attachment.as_ref()))
             .await?;

@@ -229,7 +229,7 @@ impl FakeNode {
         Self::start_with(id, registry, Arc::new(Mutex::new(FakeState::default()))).await
     }
 
-    async fn start_with(id: &str, registry: SocketAddr, state: Arc<Mutex<FakeState>>) -> Self {
+    pub async fn start_with(id: &str, registry: SocketAddr, state: Arc<Mutex<FakeState>>) -> Self {
         let cancel = CancellationToken::new();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

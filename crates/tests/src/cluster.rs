@@ -154,14 +154,43 @@ impl Cluster {
         Client::new(&self.api_url(), Some(token.trim().to_owned())).expect("client")
     }
 
-    /// Runs `trireme --api URL --token T <args>`.
+    /// Runs `trireme <args>` against this cluster: the API address and admin token go in
+    /// through `TRIREME_API` / `TRIREME_TOKEN` (DESIGN.md's environment for `--api`/`--token`),
+    /// so the arguments are exactly what a user would type after exporting them.
     pub async fn cli<S: AsRef<str>>(&self, args: &[S]) -> Output {
-        let mut full: Vec<String> =
-            vec!["--api".into(), self.api_url(), "--token".into(), self.admin_token.clone()];
-        full.extend(args.iter().map(|a| a.as_ref().to_owned()));
+        self.cli_env(
+            args,
+            &[("TRIREME_API", &self.api_url()), ("TRIREME_TOKEN", &self.admin_token)],
+        )
+        .await
+    }
+
+    /// Runs `trireme <args>` with exactly the given `TRIREME_*` environment (others removed).
+    pub async fn cli_env<S: AsRef<str>>(&self, args: &[S], env: &[(&str, &str)]) -> Output {
         let bin = tools::trireme_bin();
-        let bin = bin.to_string_lossy();
-        tools::run(&bin, &full, CLI_TIMEOUT).await.unwrap_or_else(|e| panic!("{e}"))
+        let cmd =
+            tools::command_line("trireme", &args.iter().map(|a| a.as_ref()).collect::<Vec<_>>());
+        let mut c = tokio::process::Command::new(&bin);
+        c.args(args.iter().map(|a| a.as_ref()))
+            .env_remove("TRIREME_API")
+            .env_remove("TRIREME_TOKEN")
+            .env_remove("TRIREME_DATA_DIR")
+            // No local `up` of the user's may be picked up by the CLI's defaults.
+            .env("HOME", &self.root_path)
+            .env("XDG_DATA_HOME", self.root_path.join("xdg"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let child = c.spawn().unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        match tokio::time::timeout(CLI_TIMEOUT, child.wait_with_output()).await {
+            Ok(Ok(out)) => out,
+            Ok(Err(e)) => panic!("`{cmd}`: {e}"),
+            Err(_) => panic!("`{cmd}` did not finish within {CLI_TIMEOUT:?}"),
+        }
     }
 
     /// Runs the CLI and panics with its output unless it succeeds; returns stdout.

@@ -30,7 +30,12 @@ fn assert_one_sentence_error(out: &Output, what: &str) -> String {
     );
     let err_t = err.trim();
     assert!(err_t.len() > 10, "{what}: no clear error on stderr: {err:?}");
-    assert_eq!(err_t.lines().count(), 1, "{what}: the error is not one sentence: {err:?}");
+    // Argument errors may carry clap's standard "For more information, try '--help'." hint.
+    let lines: Vec<&str> = err_t
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with("For more information"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{what}: the error is not one sentence: {err:?}");
     assert!(!err_t.contains("panicked"), "{what}: the CLI panicked: {err}");
     err_t.to_owned()
 }
@@ -49,12 +54,12 @@ async fn volume_lifecycle_in_every_output_format() {
     assert!(table.contains("cli-a") && table.contains("cli-thin"), "table: {table}");
     assert!(table.lines().count() >= 3, "a table has a header and a row per volume: {table}");
     let vols: Vec<Volume> =
-        serde_json::from_str(&c.cli_ok(&["-o", "json", "volume", "list"]).await).unwrap();
+        serde_json::from_str(&c.cli_ok(&["volume", "list", "-o", "json"]).await).unwrap();
     let a = vols.iter().find(|v| v.name.as_str() == "cli-a").expect("cli-a in json list");
     assert_eq!(a.spec.size, ByteSize::mib(32));
     assert_eq!(a.spec.replicas, 1);
     assert!(vols.iter().any(|v| v.name.as_str() == "cli-thin" && v.spec.thin));
-    let yaml = c.cli_ok(&["-o", "yaml", "volume", "list"]).await;
+    let yaml = c.cli_ok(&["volume", "list", "-o", "yaml"]).await;
     let y: serde_norway::Value =
         serde_norway::from_str(&yaml).unwrap_or_else(|e| panic!("bad yaml ({e}): {yaml}"));
     let seq = y.as_sequence().unwrap_or_else(|| panic!("yaml list is not a sequence: {yaml}"));
@@ -62,14 +67,14 @@ async fn volume_lifecycle_in_every_output_format() {
 
     // get: by name and by id, in each format
     let v: Volume =
-        serde_json::from_str(&c.cli_ok(&["-o", "json", "volume", "get", "cli-a"]).await).unwrap();
+        serde_json::from_str(&c.cli_ok(&["volume", "get", "cli-a", "-o", "json"]).await).unwrap();
     assert_eq!(v.id, a.id);
     let by_id: Volume =
-        serde_json::from_str(&c.cli_ok(&["-o", "json", "volume", "get", &a.id.to_string()]).await)
+        serde_json::from_str(&c.cli_ok(&["volume", "get", &a.id.to_string(), "-o", "json"]).await)
             .unwrap();
     assert_eq!(by_id.id, a.id);
     let yv: Volume =
-        serde_norway::from_str(&c.cli_ok(&["-o", "yaml", "volume", "get", "cli-a"]).await).unwrap();
+        serde_norway::from_str(&c.cli_ok(&["volume", "get", "cli-a", "-o", "yaml"]).await).unwrap();
     assert_eq!(yv.id, a.id);
     let t = c.cli_ok(&["volume", "get", "cli-a"]).await;
     assert!(t.contains("cli-a") && t.contains("32MiB"), "table get: {t}");
@@ -85,31 +90,31 @@ async fn volume_lifecycle_in_every_output_format() {
     let info = run_ok("nbdinfo", &["--size", &uri], Duration::from_secs(60)).await;
     assert_eq!(text(&info.stdout).trim(), (32 * MIB).to_string());
     let v: Volume =
-        serde_json::from_str(&c.cli_ok(&["-o", "json", "volume", "get", "cli-a"]).await).unwrap();
+        serde_json::from_str(&c.cli_ok(&["volume", "get", "cli-a", "-o", "json"]).await).unwrap();
     assert!(v.spec.publish.is_some() && v.status.target.is_some(), "{v:?}");
 
     // replicas
     let reps: Vec<Replica> = serde_json::from_str(
-        &c.cli_ok(&["-o", "json", "replica", "list", "--volume", "cli-a"]).await,
+        &c.cli_ok(&["replica", "list", "--volume", "cli-a", "-o", "json"]).await,
     )
     .unwrap();
     assert_eq!(reps.len(), 1, "{reps:?}");
     assert_eq!(reps[0].volume, a.id);
     let all: Vec<Replica> =
-        serde_json::from_str(&c.cli_ok(&["-o", "json", "replica", "list"]).await).unwrap();
+        serde_json::from_str(&c.cli_ok(&["replica", "list", "-o", "json"]).await).unwrap();
     assert_eq!(all.len(), 2, "{all:?}");
     assert!(c.cli_ok(&["replica", "list"]).await.contains(&reps[0].id.to_string()[..8]));
 
     // resize (grow)
     c.cli_ok(&["volume", "resize", "cli-a", "--size", "64MiB"]).await;
     let v: Volume =
-        serde_json::from_str(&c.cli_ok(&["-o", "json", "volume", "get", "cli-a"]).await).unwrap();
+        serde_json::from_str(&c.cli_ok(&["volume", "get", "cli-a", "-o", "json"]).await).unwrap();
     assert_eq!(v.spec.size, ByteSize::mib(64));
 
     // unpublish
     c.cli_ok(&["volume", "unpublish", "cli-a"]).await;
     let v: Volume =
-        serde_json::from_str(&c.cli_ok(&["-o", "json", "volume", "get", "cli-a"]).await).unwrap();
+        serde_json::from_str(&c.cli_ok(&["volume", "get", "cli-a", "-o", "json"]).await).unwrap();
     assert!(v.spec.publish.is_none() && v.status.target.is_none(), "still published: {v:?}");
     // …and the resized volume publishes at its new size
     let out = c.cli_ok(&["volume", "publish", "cli-a"]).await;
@@ -120,14 +125,14 @@ async fn volume_lifecycle_in_every_output_format() {
 
     // nodes, pools, events
     let nodes: Vec<Node> =
-        serde_json::from_str(&c.cli_ok(&["-o", "json", "node", "list"]).await).unwrap();
+        serde_json::from_str(&c.cli_ok(&["node", "list", "-o", "json"]).await).unwrap();
     assert_eq!(nodes.len(), 2);
     let n: Node =
-        serde_norway::from_str(&c.cli_ok(&["-o", "yaml", "node", "get", "node-1"]).await).unwrap();
+        serde_norway::from_str(&c.cli_ok(&["node", "get", "node-1", "-o", "yaml"]).await).unwrap();
     assert_eq!(n.id.as_str(), "node-1");
     assert!(c.cli_ok(&["node", "list"]).await.contains("node-2"));
     let pools: Vec<Pool> =
-        serde_json::from_str(&c.cli_ok(&["-o", "json", "pool", "list"]).await).unwrap();
+        serde_json::from_str(&c.cli_ok(&["pool", "list", "-o", "json"]).await).unwrap();
     assert_eq!(pools.len(), 2);
     assert!(c.cli_ok(&["pool", "get", "pool-1"]).await.contains("pool-1"));
     let events = c.cli_ok(&["event", "list"]).await;
@@ -141,10 +146,10 @@ async fn volume_lifecycle_in_every_output_format() {
     let out = c.cli(&["volume", "get", "cli-a"]).await;
     assert_one_sentence_error(&out, "get of a deleted volume");
     let vols: Vec<Volume> =
-        serde_json::from_str(&c.cli_ok(&["-o", "json", "volume", "list"]).await).unwrap();
+        serde_json::from_str(&c.cli_ok(&["volume", "list", "-o", "json"]).await).unwrap();
     assert_eq!(vols.len(), 1);
     let reps: Vec<Replica> =
-        serde_json::from_str(&c.cli_ok(&["-o", "json", "replica", "list"]).await).unwrap();
+        serde_json::from_str(&c.cli_ok(&["replica", "list", "-o", "json"]).await).unwrap();
     assert_eq!(reps.len(), 1, "the deleted volume's replica is still listed: {reps:?}");
 }
 
@@ -173,27 +178,40 @@ async fn errors_are_one_sentence_on_stderr() {
     );
     // Nothing was created by any of the failures.
     let vols: Vec<Volume> =
-        serde_json::from_str(&c.cli_ok(&["-o", "json", "volume", "list"]).await).unwrap();
+        serde_json::from_str(&c.cli_ok(&["volume", "list", "-o", "json"]).await).unwrap();
     assert!(vols.is_empty(), "failed creates left volumes behind: {vols:?}");
 
-    // An unreachable API and a wrong token are one sentence too.
-    let bin = trireme_tests::tools::trireme_bin();
-    let bin = bin.to_str().unwrap();
-    let out = trireme_tests::tools::run(
-        bin,
-        &["--api", "127.0.0.1:1", "volume", "list"],
-        Duration::from_secs(60),
-    )
-    .await
-    .unwrap();
+    // An unreachable API, a wrong token and no token are one sentence too.
+    let out = c.cli_env(&["volume", "list", "--api", "127.0.0.1:1"], &[]).await;
     let err = assert_one_sentence_error(&out, "unreachable API");
     assert!(err.contains("127.0.0.1:1"), "the error should name the address: {err}");
-    let out = trireme_tests::tools::run(
-        bin,
-        &["--api", &c.api_url(), "--token", "wrong", "volume", "list"],
-        Duration::from_secs(60),
-    )
-    .await
-    .unwrap();
+    let out = c
+        .cli_env(&["volume", "list"], &[("TRIREME_API", &c.api_url()), ("TRIREME_TOKEN", "wrong")])
+        .await;
     assert_one_sentence_error(&out, "wrong token");
+    let out = c.cli_env(&["volume", "list"], &[("TRIREME_API", &c.api_url())]).await;
+    assert_one_sentence_error(&out, "no token");
+}
+
+/// The agreed surface is `trireme [--api URL] [--token T] [-o FORMAT] <noun> <verb>`: the
+/// global flags must work before the noun (as typed from the docs) as well as after the verb.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn global_flags_work_before_the_noun_and_after_the_verb() {
+    let c = Cluster::start(1, ByteSize::mib(256)).await;
+    let url = c.api_url();
+    let token = c.admin_token().to_owned();
+    let after =
+        c.cli_env(&["node", "list", "--api", &url, "--token", &token, "-o", "json"], &[]).await;
+    assert!(after.status.success(), "flags after the verb: {}", text(&after.stderr));
+    let nodes: Vec<Node> = serde_json::from_slice(&after.stdout).unwrap();
+    assert_eq!(nodes.len(), 1);
+    let before =
+        c.cli_env(&["--api", &url, "--token", &token, "-o", "json", "node", "list"], &[]).await;
+    assert!(
+        before.status.success(),
+        "`trireme --api URL --token T -o json node list` failed: {}",
+        text(&before.stderr)
+    );
+    let nodes: Vec<Node> = serde_json::from_slice(&before.stdout).unwrap();
+    assert_eq!(nodes.len(), 1);
 }

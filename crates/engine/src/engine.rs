@@ -209,7 +209,7 @@ impl Engine {
     }
 
     /// Creates the volume's nexus and shares it. Idempotent: a nexus with the same children
-    /// and size is returned as is.
+    /// is returned as is (grown to `size` if that is larger).
     pub fn create_nexus(
         &self,
         volume: VolumeId,
@@ -224,7 +224,10 @@ impl Engine {
                 let have: Vec<ChildUri> = existing.children().into_iter().map(|c| c.uri).collect();
                 have.len() == children.len() && children.iter().all(|c| have.contains(c))
             };
-            if same_children && existing.size() == size.bytes() {
+            // Same children: the same nexus, grown if the volume grew meanwhile (control may
+            // reconcile a resized volume through CreateNexus before ResizeNexus).
+            if same_children && existing.size() <= size.bytes() {
+                existing.resize(size.bytes())?;
                 return Ok(Arc::clone(existing));
             }
             return Err(EngineError::NexusMismatch(volume));

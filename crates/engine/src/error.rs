@@ -38,7 +38,7 @@ pub enum EngineError {
         "replica {replica} is a child of the nexus of volume {volume}; destroy the nexus first"
     )]
     ReplicaInUse { replica: ReplicaId, volume: VolumeId },
-    #[error("a nexus for volume {0} already exists with other children or another size")]
+    #[error("a nexus for volume {0} already exists with other children or a larger size")]
     NexusMismatch(VolumeId),
     #[error(transparent)]
     Nexus(#[from] NexusError),

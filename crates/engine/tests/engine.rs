@@ -257,6 +257,8 @@ async fn volume_lifecycle_through_grpc_and_nbd_survives_a_restart() {
         code(e.client.create_nexus(nexus_req(&volume_id, 16 * MIB, &replica_id)).await),
         Code::AlreadyExists
     );
+    let other_child = nexus_req(&volume_id, 32 * MIB, &uuid::Uuid::new_v4().to_string());
+    assert_eq!(code(e.client.create_nexus(other_child).await), Code::AlreadyExists);
 
     // Data through NBD with a real client: written data reads back, the rest reads as zeroes.
     let data = random_bytes(4 * MIB as usize);

@@ -20,6 +20,8 @@
 //! before any mapping to it becomes durable, and a released cluster is not reused before its
 //! release is durable, so no replica can ever read another's data.
 
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 mod codec;
 mod error;
 mod info;

@@ -26,6 +26,13 @@ pub struct Pool {
     inner: Arc<Inner>,
 }
 
+/// What a structural operation found: the object already exists (an idempotent retry), or
+/// the work to do.
+enum Plan<T> {
+    Exists(ReplicaInfo),
+    Go(T),
+}
+
 fn now_unix() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
@@ -195,7 +202,7 @@ impl Pool {
         meta: ReplicaMeta,
     ) -> Result<ReplicaInfo, PoolError> {
         self.inner.usable()?;
-        let _admin = self.inner.admin.lock().await;
+        let admin = self.inner.admin.lock().await;
         self.inner.usable()?;
         let cs = self.inner.cluster_size();
         let size = size.bytes();
@@ -203,21 +210,27 @@ impl Pool {
         if size == 0 || clusters >= u64::from(u32::MAX) {
             return Err(PoolError::InvalidArgument(format!("replica size {size} is out of range")));
         }
-        let extents = {
+        let plan = {
             let mut m = self.inner.meta();
-            if let Some(r) = m.replicas.get(&id) {
-                if r.size == size && r.thin == thin {
-                    return Ok(replica_info(id, r, cs));
+            match m.replicas.get(&id) {
+                Some(r) if r.size != size || r.thin != thin => {
+                    return Err(PoolError::AlreadyExists { what: format!("replica {id}") });
                 }
-                return Err(PoolError::AlreadyExists { what: format!("replica {id}") });
-            }
-            if thin {
-                Vec::new()
-            } else {
-                m.reserve_many(clusters).ok_or_else(|| PoolError::NoSpace {
+                Some(r) => Plan::Exists(replica_info(id, r, cs)),
+                None if thin => Plan::Go(Vec::new()),
+                None => Plan::Go(m.reserve_many(clusters).ok_or_else(|| PoolError::NoSpace {
                     needed: ByteSize::b(clusters * cs),
                     free: ByteSize::b(m.free_clusters() * cs),
-                })?
+                })?),
+            }
+        };
+        let extents = match plan {
+            Plan::Go(x) => x,
+            Plan::Exists(info) => {
+                drop(admin);
+                // The creation may not be durable yet if its own commit is still running.
+                self.inner.flush(false).await?;
+                return Ok(info);
             }
         };
         if let Err(e) = self.zero_extents(&extents).await {
@@ -225,13 +238,15 @@ impl Pool {
             return Err(e);
         }
         self.inner.meta().log(Record::CreateReplica { id, size, thin, meta, extents })?;
+        // The commit runs outside the admin lock so that concurrent creations share it.
+        drop(admin);
         self.inner.flush(false).await?;
         self.replica_info(id)
     }
 
     pub async fn destroy_replica(&self, id: ReplicaId) -> Result<(), PoolError> {
         self.inner.usable()?;
-        let _admin = self.inner.admin.lock().await;
+        let admin = self.inner.admin.lock().await;
         let io = self
             .inner
             .meta()
@@ -244,6 +259,7 @@ impl Pool {
         io.mark_destroyed();
         self.inner.meta().log(Record::DestroyReplica { id })?;
         drop(_gate);
+        drop(admin);
         self.inner.flush(false).await
     }
 
@@ -254,17 +270,14 @@ impl Pool {
         size: ByteSize,
     ) -> Result<ReplicaInfo, PoolError> {
         self.inner.usable()?;
-        let _admin = self.inner.admin.lock().await;
+        let admin = self.inner.admin.lock().await;
         let cs = self.inner.cluster_size();
         let new = size.bytes();
-        let mut extents = {
+        let plan = {
             let mut m = self.inner.meta();
             let r = m.replicas.get(&id).ok_or(PoolError::NotFound(id))?;
             if new < r.size {
                 return Err(PoolError::ShrinkRefused { id, from: ByteSize::b(r.size), to: size });
-            }
-            if new == r.size {
-                return Ok(replica_info(id, r, cs));
             }
             let (old_n, new_n) = (r.map.len() as u64, clusters_for(new, cs));
             if new_n >= u64::from(u32::MAX) {
@@ -272,8 +285,10 @@ impl Pool {
                     "replica size {new} is out of range"
                 )));
             }
-            if r.thin {
-                Vec::new()
+            if new == r.size {
+                Plan::Exists(replica_info(id, r, cs))
+            } else if r.thin {
+                Plan::Go(Vec::new())
             } else {
                 let add = new_n - old_n;
                 let mut xs = m.reserve_many(add).ok_or_else(|| PoolError::NoSpace {
@@ -281,7 +296,15 @@ impl Pool {
                     free: ByteSize::b(m.free_clusters() * cs),
                 })?;
                 xs.iter_mut().for_each(|x| x.v += old_n as u32);
-                xs
+                Plan::Go(xs)
+            }
+        };
+        let mut extents = match plan {
+            Plan::Go(x) => x,
+            Plan::Exists(info) => {
+                drop(admin);
+                self.inner.flush(false).await?;
+                return Ok(info);
             }
         };
         if let Err(e) = self.zero_extents(&extents).await {
@@ -290,6 +313,7 @@ impl Pool {
         }
         let extents = std::mem::take(&mut extents);
         self.inner.meta().log(Record::Resize { id, size: new, extents })?;
+        drop(admin);
         self.inner.flush(false).await?;
         self.replica_info(id)
     }
@@ -301,7 +325,7 @@ impl Pool {
         meta: ReplicaMeta,
     ) -> Result<(), PoolError> {
         self.inner.usable()?;
-        let _admin = self.inner.admin.lock().await;
+        let admin = self.inner.admin.lock().await;
         {
             let mut m = self.inner.meta();
             if !m.replicas.contains_key(&id) {
@@ -309,6 +333,7 @@ impl Pool {
             }
             m.log(Record::SetMeta { id, meta })?;
         }
+        drop(admin);
         self.inner.flush(false).await
     }
 
@@ -352,12 +377,14 @@ impl Pool {
         id: SnapshotId,
     ) -> Result<SnapshotInfo, PoolError> {
         self.inner.usable()?;
-        let _admin = self.inner.admin.lock().await;
+        let admin = self.inner.admin.lock().await;
         if let Some(s) = self.snapshot_info(id) {
-            if s.source == source {
-                return Ok(s);
+            if s.source != source {
+                return Err(PoolError::AlreadyExists { what: format!("snapshot {id}") });
             }
-            return Err(PoolError::AlreadyExists { what: format!("snapshot {id}") });
+            drop(admin);
+            self.inner.flush(false).await?;
+            return Ok(s);
         }
         let io = self
             .inner
@@ -376,6 +403,7 @@ impl Pool {
             m.log(Record::Snapshot { id, source, created: now_unix() })?;
         }
         drop(gate);
+        drop(admin);
         self.inner.flush(false).await?;
         self.snapshot_info(id).ok_or(PoolError::SnapshotNotFound(id))
     }
@@ -393,7 +421,7 @@ impl Pool {
     /// Destroys a snapshot; clusters still used by its source or clones stay.
     pub async fn destroy_snapshot(&self, id: SnapshotId) -> Result<(), PoolError> {
         self.inner.usable()?;
-        let _admin = self.inner.admin.lock().await;
+        let admin = self.inner.admin.lock().await;
         {
             let mut m = self.inner.meta();
             if !m.snapshots.contains_key(&id) {
@@ -401,6 +429,7 @@ impl Pool {
             }
             m.log(Record::DestroySnapshot { id })?;
         }
+        drop(admin);
         self.inner.flush(false).await
     }
 
@@ -428,21 +457,31 @@ impl Pool {
         meta: ReplicaMeta,
     ) -> Result<ReplicaInfo, PoolError> {
         self.inner.usable()?;
-        let _admin = self.inner.admin.lock().await;
+        let admin = self.inner.admin.lock().await;
         let cs = self.inner.cluster_size();
-        {
+        let existing = {
             let mut m = self.inner.meta();
-            if let Some(r) = m.replicas.get(&id) {
-                if r.parent == Some(snapshot) {
-                    return Ok(replica_info(id, r, cs));
+            match m.replicas.get(&id) {
+                Some(r) if r.parent != Some(snapshot) => {
+                    return Err(PoolError::AlreadyExists { what: format!("replica {id}") });
                 }
-                return Err(PoolError::AlreadyExists { what: format!("replica {id}") });
+                Some(r) => Some(replica_info(id, r, cs)),
+                None => {
+                    let s =
+                        m.snapshots.get(&snapshot).ok_or(PoolError::SnapshotNotFound(snapshot))?;
+                    let added = s.map.len() as u64;
+                    self.check_room(&m, added)?;
+                    m.log(Record::Clone { id, snapshot, meta })?;
+                    None
+                }
             }
-            let s = m.snapshots.get(&snapshot).ok_or(PoolError::SnapshotNotFound(snapshot))?;
-            let added = s.map.len() as u64;
-            self.check_room(&m, added)?;
-            m.log(Record::Clone { id, snapshot, meta })?;
+        };
+        if let Some(info) = existing {
+            drop(admin);
+            self.inner.flush(false).await?;
+            return Ok(info);
         }
+        drop(admin);
         self.inner.flush(false).await?;
         self.replica_info(id)
     }

@@ -108,13 +108,6 @@ impl MemDev {
         }
     }
 
-    /// Overwrites bytes in both images (tests corrupt metadata with it).
-    pub(crate) fn poke(&self, off: usize, data: &[u8]) {
-        let mut st = self.lock();
-        st.cur[off..off + data.len()].copy_from_slice(data);
-        st.durable[off..off + data.len()].copy_from_slice(data);
-    }
-
     pub(crate) fn size(&self) -> u64 {
         self.lock().cur.len() as u64
     }

@@ -3,6 +3,7 @@
 
 mod basic;
 mod crash;
+mod files;
 mod model;
 
 use std::path::PathBuf;

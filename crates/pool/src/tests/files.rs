@@ -1,0 +1,54 @@
+//! Backend checks on a real file: io_uring with O_DIRECT is what a pool gets, and the
+//! pread/pwrite fallback behaves the same.
+
+use std::os::fd::AsRawFd;
+
+use trireme_types::{ByteSize, ReplicaId};
+
+use super::*;
+use crate::ReplicaMeta;
+
+fn file_flags(dev: &Backend) -> i32 {
+    let fd = match dev {
+        Backend::Uring(u) => u.file().as_raw_fd(),
+        Backend::Sync(s) => s.file().as_raw_fd(),
+        Backend::Mem(_) => return 0,
+    };
+    // SAFETY: F_GETFL on a descriptor we own reads its flags and touches no memory.
+    unsafe { libc::fcntl(fd, libc::F_GETFL) }
+}
+
+#[tokio::test]
+async fn pools_on_files_use_io_uring_with_o_direct() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.img");
+    let opts = CreateOptions {
+        name: "p".into(),
+        cluster_size: ByteSize::mib(1),
+        size: Some(ByteSize::mib(64)),
+    };
+    let pool = Pool::create(&path, opts).await.unwrap();
+    assert_eq!(pool.inner().dev.kind(), "io_uring");
+    assert_ne!(
+        file_flags(&pool.inner().dev) & libc::O_DIRECT,
+        0,
+        "pool file not opened with O_DIRECT"
+    );
+    let id = ReplicaId::new_random();
+    pool.create_replica(id, ByteSize::mib(8), true, ReplicaMeta::default()).await.unwrap();
+    let r = pool.open_replica(id).unwrap();
+    r.write(12_345, buf(&[0x42; 7000]), true).await.unwrap();
+    pool.close().await.unwrap();
+    drop((r, pool));
+
+    // The same pool through the blocking fallback backend.
+    let dev = Backend::open_sync(&path).unwrap();
+    assert_eq!(dev.kind(), "sync");
+    let pool = Pool::import_on(path.clone(), dev).await.unwrap();
+    let r = pool.open_replica(id).unwrap();
+    assert_eq!(&r.read(12_345, 7000).await.unwrap()[..], &[0x42; 7000][..]);
+    assert!(r.read(12_345 + 7000, 100).await.unwrap().iter().all(|&b| b == 0));
+    r.write(0, buf(&[1; 100]), false).await.unwrap();
+    r.trim(CS * 16, CS * 16).await.unwrap();
+    pool.close().await.unwrap();
+}

@@ -44,7 +44,7 @@ use trireme_types::{ChildState, NexusState, ReplicaId, VolumeId};
 
 pub use child::{Child, ChildError, ChildExtent, ChildUri, ChildUriError, LocalChild};
 use state::ChildTable;
-pub use state::FaultOutcome;
+pub use state::{FaultOutcome, RemoveOutcome};
 
 /// Why a nexus cannot be built or changed as asked.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -55,6 +55,8 @@ pub enum NexusError {
     DuplicateChild { replica: ReplicaId },
     #[error("child {replica} holds {size} bytes, less than the nexus size {needed}")]
     ChildTooSmall { replica: ReplicaId, size: u64, needed: u64 },
+    #[error("child {replica} is the last online child and holds the only current data")]
+    LastOnlineChild { replica: ReplicaId },
     #[error("a nexus only grows: {from} bytes to {to} bytes refused")]
     Shrink { from: u64, to: u64 },
 }
@@ -143,6 +145,35 @@ impl Nexus {
         }
         self.size.store(new_size, Ordering::Release);
         Ok(())
+    }
+
+    /// Adds a child that starts `rebuilding`: it takes every write from now on and serves
+    /// reads once a rebuild has copied the rest and marked it online.
+    pub fn add_child(&self, child: Arc<dyn Child>) -> Result<(), NexusError> {
+        let size = self.size.load(Ordering::Acquire);
+        let replica = child.replica_id();
+        if child.size() < size {
+            return Err(NexusError::ChildTooSmall { replica, size: child.size(), needed: size });
+        }
+        self.children
+            .lock()
+            .add_rebuilding(child, size)
+            .map_err(|_| NexusError::DuplicateChild { replica })?;
+        tracing::info!(volume = %self.volume, %replica, "child added, rebuilding");
+        Ok(())
+    }
+
+    /// Removes a child (shrink, drain). Idempotent; the last online child is never removed.
+    pub fn remove_child(&self, replica: ReplicaId) -> Result<(), NexusError> {
+        let outcome = self.children.lock().remove(replica);
+        match outcome {
+            RemoveOutcome::Removed => {
+                tracing::info!(volume = %self.volume, %replica, "child removed");
+                Ok(())
+            }
+            RemoveOutcome::Absent => Ok(()),
+            RemoveOutcome::RefusedLastOnline => Err(NexusError::LastOnlineChild { replica }),
+        }
     }
 
     /// Stops serving: later I/O fails with `ShuttingDown`; completed writes are flushed.

@@ -29,6 +29,16 @@ pub enum FaultOutcome {
     Unknown,
 }
 
+/// What [`ChildTable::remove`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RemoveOutcome {
+    Removed,
+    /// Not a child (already removed); idempotent.
+    Absent,
+    /// The last online child holds the only current data; it is never removed.
+    RefusedLastOnline,
+}
+
 #[derive(Default)]
 pub(crate) struct ChildTable {
     slots: Vec<Slot>,
@@ -70,6 +80,35 @@ impl ChildTable {
 
     fn online_count(&self) -> usize {
         self.slots.iter().filter(|s| s.state.is_readable()).count()
+    }
+
+    fn find(&self, replica: ReplicaId) -> Option<usize> {
+        self.slots.iter().position(|s| s.child.replica_id() == replica)
+    }
+
+    /// Adds a child that must be brought up to date: it starts `rebuilding`, so it receives
+    /// every write from now on but serves no read until its rebuild completes.
+    pub fn add_rebuilding(
+        &mut self,
+        child: Arc<dyn Child>,
+        total_bytes: u64,
+    ) -> Result<(), Arc<dyn Child>> {
+        if self.find(child.replica_id()).is_some() {
+            return Err(child);
+        }
+        let state = ChildState::Rebuilding { done_bytes: 0, total_bytes };
+        self.slots.push(Slot { child, state });
+        Ok(())
+    }
+
+    /// Removes a child, unless it is the last online one. Idempotent for an absent child.
+    pub fn remove(&mut self, replica: ReplicaId) -> RemoveOutcome {
+        let Some(i) = self.find(replica) else { return RemoveOutcome::Absent };
+        if self.slots[i].state.is_readable() && self.online_count() <= 1 {
+            return RemoveOutcome::RefusedLastOnline;
+        }
+        self.slots.remove(i);
+        RemoveOutcome::Removed
     }
 
     /// Faults the child holding `replica`, unless that would leave no online child.
@@ -133,6 +172,22 @@ mod tests {
         // The recorded reason is the first one.
         assert_eq!(t.slots()[0].state, ChildState::Faulted { reason: FaultReason::Timeout });
         assert_eq!(t.fault(ReplicaId::new_random(), FaultReason::IoError), FaultOutcome::Unknown);
+    }
+
+    #[test]
+    fn added_children_rebuild_and_the_last_online_child_stays() {
+        let (mut t, ids) = table(1);
+        let new: Arc<dyn Child> = Arc::new(MemChild::new(4096));
+        let new_id = new.replica_id();
+        assert!(t.add_rebuilding(Arc::clone(&new), 4096).is_ok());
+        assert!(t.add_rebuilding(new, 4096).is_err(), "a replica is a child once");
+        assert_eq!(t.nexus_state(), NexusState::Degraded);
+        assert_eq!(t.writers().len(), 2);
+        assert_eq!(t.reader().unwrap().replica_id(), ids[0]);
+        assert_eq!(t.remove(ids[0]), RemoveOutcome::RefusedLastOnline);
+        assert_eq!(t.remove(new_id), RemoveOutcome::Removed);
+        assert_eq!(t.remove(new_id), RemoveOutcome::Absent);
+        assert_eq!(t.nexus_state(), NexusState::Online);
     }
 
     #[test]

@@ -156,3 +156,34 @@ async fn a_closed_nexus_refuses_io() {
     assert_eq!(n.read(0, 512).await.err(), Some(ExportError::ShuttingDown));
     assert_eq!(n.write(0, pattern(512, 0), false).await.err(), Some(ExportError::ShuttingDown));
 }
+
+#[tokio::test]
+async fn an_added_child_takes_writes_but_serves_no_reads_until_rebuilt() {
+    let (n, mems) = nexus(1);
+    let new = Arc::new(MemChild::new(SIZE));
+    n.add_child(Arc::clone(&new) as Arc<dyn Child>).unwrap();
+    assert!(matches!(
+        n.add_child(Arc::clone(&new) as Arc<dyn Child>),
+        Err(NexusError::DuplicateChild { .. })
+    ));
+    assert!(matches!(
+        n.add_child(Arc::new(MemChild::new(SIZE / 2))),
+        Err(NexusError::ChildTooSmall { .. })
+    ));
+    assert_eq!(n.state(), NexusState::Degraded);
+    n.write(0, pattern(4096, 9), false).await.unwrap();
+    assert_eq!(new.contents(0, 4096), pattern(4096, 9).to_vec());
+    // Reads come from the online child only, even if the new one fails.
+    new.fail.store(true, Ordering::SeqCst);
+    assert_eq!(n.read(0, 4096).await.unwrap().to_vec(), pattern(4096, 9).to_vec());
+    // A failing rebuilding child is faulted by the next write, which still succeeds.
+    n.write(0, pattern(4096, 1), false).await.unwrap();
+    assert!(matches!(n.children()[1].state, ChildState::Faulted { .. }));
+    assert!(matches!(
+        n.remove_child(mems[0].replica_id()),
+        Err(NexusError::LastOnlineChild { .. })
+    ));
+    n.remove_child(new.replica_id()).unwrap();
+    n.remove_child(new.replica_id()).unwrap();
+    assert_eq!(n.state(), NexusState::Online);
+}

@@ -26,6 +26,14 @@ fn code_for(http: u16, kind: &str) -> Code {
     if http == 507 || ["capacity", "space", "exhausted"].iter().any(|k| kind.contains(k)) {
         return Code::ResourceExhausted;
     }
+    match kind.strip_prefix("trireme:").unwrap_or(&kind) {
+        // No node set can hold the replicas: CSI's "cannot provision" code.
+        "no-placement" => return Code::ResourceExhausted,
+        // The volume cannot be attached through that node (yet): the caller must change
+        // something first, not retry as is.
+        "remote-publish-unavailable" => return Code::FailedPrecondition,
+        _ => {}
+    }
     match http {
         400 | 422 => Code::InvalidArgument,
         401 => Code::Unauthenticated,
@@ -69,6 +77,18 @@ mod tests {
             Code::ResourceExhausted
         );
         assert_eq!(api_status("x", &problem(500, "about:blank")).code(), Code::Internal);
+        assert_eq!(
+            api_status("x", &problem(503, "trireme:no-placement")).code(),
+            Code::ResourceExhausted
+        );
+        assert_eq!(
+            api_status("x", &problem(422, "trireme:remote-publish-unavailable")).code(),
+            Code::FailedPrecondition
+        );
+        assert_eq!(
+            api_status("x", &problem(422, "trireme:replication-unavailable")).code(),
+            Code::InvalidArgument
+        );
         assert_eq!(api_status("x", &problem(401, "about:blank")).code(), Code::Unauthenticated);
     }
 }

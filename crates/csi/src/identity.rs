@@ -61,6 +61,7 @@ impl Identity for IdentityService {
         let mut capabilities = vec![expansion];
         if matches!(self.readiness, Readiness::Control(_)) {
             capabilities.insert(0, service(service::Type::ControllerService));
+            capabilities.insert(1, service(service::Type::VolumeAccessibilityConstraints));
         }
         Ok(Response::new(GetPluginCapabilitiesResponse { capabilities }))
     }

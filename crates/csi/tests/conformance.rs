@@ -52,7 +52,13 @@ async fn identity() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(services(&c.capabilities), [service::Type::ControllerService as i32]);
+    assert_eq!(
+        services(&c.capabilities),
+        [
+            service::Type::ControllerService as i32,
+            service::Type::VolumeAccessibilityConstraints as i32
+        ]
+    );
     assert!(c.capabilities.iter().any(|c| matches!(&c.r#type,
         Some(plugin_capability::Type::VolumeExpansion(e)) if e.r#type == volume_expansion::Type::Offline as i32)));
     let n = env
@@ -172,15 +178,18 @@ async fn create_and_delete_volume() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_unpublish_get_and_delete_in_use() {
     let mut env = Env::start().await;
-    let id = env
+    let created = env
         .ctl
         .create_volume(create("pvc-p", 4 * MIB, 0))
         .await
         .unwrap()
         .into_inner()
         .volume
-        .unwrap()
-        .volume_id;
+        .unwrap();
+    // The node the volume is accessible from (its replica's), and one it is not published on.
+    let node = Env::node_for(&created).unwrap_or_else(|| NODE_ID.to_owned());
+    let other = fake::NODES.iter().find(|n| **n != node).unwrap().to_string();
+    let id = created.volume_id;
     let ctl = &mut env.ctl;
     let publish = |volume_id: &str, node_id: &str, cap: Option<VolumeCapability>| {
         ControllerPublishVolumeRequest {
@@ -192,7 +201,7 @@ async fn publish_unpublish_get_and_delete_in_use() {
     };
     let cap = Some(mount_cap("ext4"));
     assert_eq!(
-        code(ctl.controller_publish_volume(publish("", NODE_ID, cap.clone())).await),
+        code(ctl.controller_publish_volume(publish("", &node, cap.clone())).await),
         Code::InvalidArgument
     );
     assert_eq!(
@@ -200,11 +209,11 @@ async fn publish_unpublish_get_and_delete_in_use() {
         Code::InvalidArgument
     );
     assert_eq!(
-        code(ctl.controller_publish_volume(publish(&id, NODE_ID, None)).await),
+        code(ctl.controller_publish_volume(publish(&id, &node, None)).await),
         Code::InvalidArgument
     );
     assert_eq!(
-        code(ctl.controller_publish_volume(publish(UNKNOWN_ID, NODE_ID, cap.clone())).await),
+        code(ctl.controller_publish_volume(publish(UNKNOWN_ID, &node, cap.clone())).await),
         Code::NotFound
     );
     assert_eq!(
@@ -213,22 +222,22 @@ async fn publish_unpublish_get_and_delete_in_use() {
     );
 
     let ctx = ctl
-        .controller_publish_volume(publish(&id, NODE_ID, cap.clone()))
+        .controller_publish_volume(publish(&id, &node, cap.clone()))
         .await
         .unwrap()
         .into_inner()
         .publish_context;
     assert!(ctx["uri"].starts_with("nbd"), "{ctx:?}");
-    assert_eq!(ctx["node"], NODE_ID);
+    assert_eq!(ctx["node"], node);
     let again = ctl
-        .controller_publish_volume(publish(&id, NODE_ID, cap.clone()))
+        .controller_publish_volume(publish(&id, &node, cap.clone()))
         .await
         .unwrap()
         .into_inner()
         .publish_context;
     assert_eq!(again, ctx);
     assert_eq!(
-        code(ctl.controller_publish_volume(publish(&id, "node-2", cap.clone())).await),
+        code(ctl.controller_publish_volume(publish(&id, &other, cap.clone())).await),
         Code::FailedPrecondition
     );
 
@@ -238,19 +247,22 @@ async fn publish_unpublish_get_and_delete_in_use() {
         .unwrap()
         .into_inner();
     let status = got.status.unwrap();
-    assert_eq!(status.published_node_ids, [NODE_ID]);
+    assert_eq!(status.published_node_ids, [node.as_str()]);
     assert!(!status.volume_condition.unwrap().abnormal);
     assert_eq!(got.volume.unwrap().capacity_bytes, 4 * MIB);
-    env.fake.set_state(&id, VolumeState::Degraded);
-    let got = env
-        .ctl
-        .controller_get_volume(ControllerGetVolumeRequest { volume_id: id.clone() })
-        .await
-        .unwrap()
-        .into_inner();
-    let cond = got.status.unwrap().volume_condition.unwrap();
-    assert!(cond.abnormal && cond.message.contains("degraded"), "{cond:?}");
-    env.fake.set_state(&id, VolumeState::Online);
+    if let Some(fake) = env.fake() {
+        fake.set_state(&id, VolumeState::Degraded);
+        let got = env
+            .ctl
+            .clone()
+            .controller_get_volume(ControllerGetVolumeRequest { volume_id: id.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        let cond = got.status.unwrap().volume_condition.unwrap();
+        assert!(cond.abnormal && cond.message.contains("degraded"), "{cond:?}");
+        fake.set_state(&id, VolumeState::Online);
+    }
     let ctl = &mut env.ctl;
     assert_eq!(
         code(
@@ -282,28 +294,28 @@ async fn publish_unpublish_get_and_delete_in_use() {
         ..Default::default()
     };
     assert_eq!(
-        code(ctl.controller_unpublish_volume(unpublish("", NODE_ID)).await),
+        code(ctl.controller_unpublish_volume(unpublish("", &node)).await),
         Code::InvalidArgument
     );
-    ctl.controller_unpublish_volume(unpublish(UNKNOWN_ID, NODE_ID)).await.unwrap();
+    ctl.controller_unpublish_volume(unpublish(UNKNOWN_ID, &node)).await.unwrap();
     // Not published on node-2: nothing to do, and it stays published on node-1.
-    ctl.controller_unpublish_volume(unpublish(&id, "node-2")).await.unwrap();
+    ctl.controller_unpublish_volume(unpublish(&id, &other)).await.unwrap();
     let still = ctl
         .controller_get_volume(ControllerGetVolumeRequest { volume_id: id.clone() })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(still.status.unwrap().published_node_ids, [NODE_ID]);
-    ctl.controller_unpublish_volume(unpublish(&id, NODE_ID)).await.unwrap();
-    ctl.controller_unpublish_volume(unpublish(&id, NODE_ID)).await.unwrap();
+    assert_eq!(still.status.unwrap().published_node_ids, [node.as_str()]);
+    ctl.controller_unpublish_volume(unpublish(&id, &node)).await.unwrap();
+    ctl.controller_unpublish_volume(unpublish(&id, &node)).await.unwrap();
     let after = ctl
         .controller_get_volume(ControllerGetVolumeRequest { volume_id: id.clone() })
         .await
         .unwrap()
         .into_inner();
     assert!(after.status.unwrap().published_node_ids.is_empty());
-    // Now it can go to another node, and be deleted once unpublished.
-    ctl.controller_publish_volume(publish(&id, "node-2", cap.clone())).await.unwrap();
+    // Publish again, unpublish from every node (no node id), delete.
+    ctl.controller_publish_volume(publish(&id, &node, cap.clone())).await.unwrap();
     ctl.controller_unpublish_volume(unpublish(&id, "")).await.unwrap();
     ctl.delete_volume(DeleteVolumeRequest { volume_id: id.clone(), ..Default::default() })
         .await
@@ -357,8 +369,12 @@ async fn validate_list_capacity_expand_and_capabilities() {
 
     // GetCapacity: three pools of 512 MiB.
     let full = ctl.get_capacity(GetCapacityRequest::default()).await.unwrap().into_inner();
-    assert_eq!(full.available_capacity, 3 * 512 * MIB);
-    assert_eq!(full.maximum_volume_size, Some(512 * MIB));
+    let max = full.maximum_volume_size.unwrap();
+    assert!(
+        full.available_capacity > 2 * 400 * MIB && full.available_capacity <= 3 * 512 * MIB,
+        "{full:?}"
+    );
+    assert!(max > 400 * MIB && max <= 512 * MIB, "{full:?}");
     let three = ctl
         .get_capacity(GetCapacityRequest {
             parameters: HashMap::from([("replicas".into(), "3".into())]),
@@ -367,22 +383,33 @@ async fn validate_list_capacity_expand_and_capabilities() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(three.available_capacity, 512 * MIB);
+    assert!((full.available_capacity / 3 - three.available_capacity).abs() <= MIB, "{three:?}");
+    assert_eq!(
+        code(
+            ctl.get_capacity(GetCapacityRequest {
+                parameters: HashMap::from([("colour".into(), "red".into())]),
+                ..Default::default()
+            })
+            .await
+        ),
+        Code::InvalidArgument
+    );
 
     let mut ids = Vec::new();
+    let mut nodes = Vec::new();
     for i in 0..5 {
-        ids.push(
-            ctl.create_volume(create(&format!("pvc-{i}"), 10 * MIB, 0))
-                .await
-                .unwrap()
-                .into_inner()
-                .volume
-                .unwrap()
-                .volume_id,
-        );
+        let v = ctl
+            .create_volume(create(&format!("pvc-{i}"), 10 * MIB, 0))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+        nodes.push(Env::node_for(&v).unwrap_or_else(|| "node-3".to_owned()));
+        ids.push(v.volume_id);
     }
     let after = ctl.get_capacity(GetCapacityRequest::default()).await.unwrap().into_inner();
-    assert_eq!(after.available_capacity, full.available_capacity - 50 * MIB);
+    assert!(full.available_capacity - after.available_capacity >= 50 * MIB, "{full:?} {after:?}");
 
     // ValidateVolumeCapabilities.
     let validate = |id: &str, caps: Vec<VolumeCapability>| ValidateVolumeCapabilitiesRequest {
@@ -420,7 +447,7 @@ async fn validate_list_capacity_expand_and_capabilities() {
     // ListVolumes with paging, and published nodes.
     ctl.controller_publish_volume(ControllerPublishVolumeRequest {
         volume_id: ids[2].clone(),
-        node_id: "node-3".into(),
+        node_id: nodes[2].clone(),
         volume_capability: Some(mount_cap("ext4")),
         ..Default::default()
     })
@@ -439,7 +466,7 @@ async fn validate_list_capacity_expand_and_capabilities() {
             let v = e.volume.as_ref().unwrap();
             let published = &e.status.as_ref().unwrap().published_node_ids;
             if v.volume_id == ids[2] {
-                assert_eq!(published, &["node-3"]);
+                assert_eq!(published, &[nodes[2].clone()]);
             } else {
                 assert!(published.is_empty());
             }
@@ -534,7 +561,9 @@ async fn validate_list_capacity_expand_and_capabilities() {
 async fn node_rpcs_and_their_errors() {
     let mut env = Env::start().await;
     let info = env.nd.node_get_info(NodeGetInfoRequest {}).await.unwrap().into_inner();
-    assert_eq!(info.node_id, NODE_ID);
+    assert_eq!(info.node_id, env.node_id);
+    let segments = info.accessible_topology.unwrap().segments;
+    assert_eq!(segments["topology.csi.trireme.io/node"], env.node_id);
     let caps =
         env.nd.node_get_capabilities(NodeGetCapabilitiesRequest {}).await.unwrap().into_inner();
     let rpcs: Vec<i32> = caps

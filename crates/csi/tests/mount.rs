@@ -95,7 +95,7 @@ async fn stage_publish_write_teardown_restage_and_expand() {
     env.ctl
         .controller_unpublish_volume(ControllerUnpublishVolumeRequest {
             volume_id: id.clone(),
-            node_id: NODE_ID.into(),
+            node_id: env.node_id.clone(),
             ..Default::default()
         })
         .await

@@ -3,7 +3,9 @@
 //! Stateless by design: control is the record of every volume, so every RPC reads what it needs
 //! from control and every retry sees what the previous attempt did. A CSI node id is the name
 //! of the Trireme node on that machine; publishing a volume for a node runs the volume's nexus
-//! on that node, so the NBD traffic from the node's client to its target stays local.
+//! on that node, so the NBD traffic from the node's client to its target stays local. Control
+//! runs a nexus only on a node that holds one of the volume's replicas, so each volume
+//! advertises those nodes as its accessible topology and the CO schedules its users there.
 
 mod params;
 
@@ -18,7 +20,7 @@ use crate::error::api_status;
 use crate::proto::controller_server::Controller;
 use crate::proto::controller_service_capability::{self as ccap, rpc::Type as Rpc};
 use crate::proto::*;
-pub(crate) use params::{CTX_FS_TYPE, Params};
+pub(crate) use params::{CTX_FS_TYPE, Params, TOPOLOGY_KEY};
 use params::{condition, csi_volume, fits, published_nodes, size_for, trireme_name};
 
 /// publish_context keys: what NodeStageVolume needs to attach the volume.

@@ -17,6 +17,10 @@ pub(crate) const DEFAULT_SIZE: u64 = ByteSize::GIB;
 /// Replicas of a volume whose StorageClass does not say.
 pub(crate) const DEFAULT_REPLICAS: u8 = 1;
 
+/// The topology key: a volume is accessible from the nodes holding its replicas, because
+/// control runs a volume's nexus on one of them, and the CSI node is the nexus's node.
+pub(crate) const TOPOLOGY_KEY: &str = "topology.csi.trireme.io/node";
+
 /// volume_context keys (what the node plugin and ValidateVolumeCapabilities read back).
 pub(crate) const CTX_FS_TYPE: &str = "fsType";
 pub(crate) const CTX_REPLICAS: &str = "replicas";
@@ -163,8 +167,21 @@ pub(crate) fn csi_volume(v: &Volume, fs_type: Option<&str>) -> proto::Volume {
         volume_id: v.id.to_string(),
         volume_context: ctx,
         content_source: None,
-        accessible_topology: Vec::new(),
+        accessible_topology: topology(v),
     }
+}
+
+/// The nodes a volume can be published on, one topology segment each.
+pub(crate) fn topology(v: &Volume) -> Vec<proto::Topology> {
+    let mut nodes: Vec<&str> = v.status.replicas.iter().map(|r| r.node.as_str()).collect();
+    nodes.sort_unstable();
+    nodes.dedup();
+    nodes
+        .into_iter()
+        .map(|n| proto::Topology {
+            segments: HashMap::from([(TOPOLOGY_KEY.to_owned(), n.to_owned())]),
+        })
+        .collect()
 }
 
 /// The nodes a volume is published to, as CSI node ids.

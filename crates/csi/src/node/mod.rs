@@ -29,7 +29,7 @@ use tonic::{Request, Response, Status};
 use trireme_api::Client as ApiClient;
 
 use crate::caps::{self, Access, DEFAULT_FS_TYPE};
-use crate::controller::{CTX_FS_TYPE, PUBLISH_URI};
+use crate::controller::{CTX_FS_TYPE, PUBLISH_URI, TOPOLOGY_KEY};
 use crate::error::api_status;
 use crate::proto::node_server::Node;
 use crate::proto::node_service_capability::{self as ncap, rpc::Type as Rpc};
@@ -538,7 +538,9 @@ impl Node for NodeService {
         Ok(Response::new(NodeGetInfoResponse {
             node_id: self.node_id.clone(),
             max_volumes_per_node: 0,
-            accessible_topology: None,
+            accessible_topology: Some(Topology {
+                segments: [(TOPOLOGY_KEY.to_owned(), self.node_id.clone())].into(),
+            }),
         }))
     }
 }

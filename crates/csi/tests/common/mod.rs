@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod fake;
+pub mod real;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -44,13 +45,14 @@ impl Drop for Plugin {
     }
 }
 
-pub fn spawn_plugin(args: &[&str], socket: &Path, api: &str, log: &Path) -> Plugin {
+pub fn spawn_plugin(args: &[&str], socket: &Path, backend: &Backend, log: &Path) -> Plugin {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_trireme-csi"))
         .args(args)
         .arg("--endpoint")
         .arg(format!("unix://{}", socket.display()))
-        .args(["--api", api])
+        .args(["--api", &backend.api()])
+        .args(backend.token_file().map(|t| format!("--token-file={}", t.display())))
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
@@ -81,10 +83,35 @@ pub async fn channel(socket: &Path) -> Channel {
     }
 }
 
+/// What the plugins talk to: a real `trireme up` cluster when `TRIREME_BIN` names the
+/// `trireme` binary (scripts/test.sh sets it), else the fake REST backend.
+pub enum Backend {
+    Fake(fake::FakeControl),
+    Real(real::Cluster),
+}
+
+impl Backend {
+    pub fn api(&self) -> String {
+        match self {
+            Self::Fake(f) => f.addr.clone(),
+            Self::Real(c) => c.api.clone(),
+        }
+    }
+
+    pub fn token_file(&self) -> Option<PathBuf> {
+        match self {
+            Self::Fake(_) => None,
+            Self::Real(c) => Some(c.token_file.clone()),
+        }
+    }
+}
+
 /// A backend and both plugins.
 pub struct Env {
     pub dir: tempfile::TempDir,
-    pub fake: fake::FakeControl,
+    pub backend: Backend,
+    /// The node plugin's node id (in a real cluster: the node holding the volume's replica).
+    pub node_id: String,
     pub controller: Plugin,
     pub node: Plugin,
     pub identity_c: IdentityClient<Channel>,
@@ -96,14 +123,19 @@ pub struct Env {
 impl Env {
     pub async fn start() -> Self {
         let dir = tempfile::Builder::new().prefix("trireme-csi-").tempdir().unwrap();
-        let fake = fake::FakeControl::start(dir.path()).await;
+        let backend = match (real::binary(), std::env::var("CSI_TEST_BACKEND").as_deref()) {
+            (Some(bin), Ok("real") | Err(_)) => {
+                Backend::Real(real::Cluster::start(&bin, dir.path()).await)
+            }
+            _ => Backend::Fake(fake::FakeControl::start(dir.path()).await),
+        };
         let controller = spawn_plugin(
             &["controller"],
             &dir.path().join("controller.sock"),
-            &fake.addr,
+            &backend,
             &dir.path().join("controller.log"),
         );
-        let node = Self::spawn_node_in(dir.path(), &fake.addr);
+        let node = Self::spawn_node_in(dir.path(), &backend, NODE_ID);
         let cch = channel(&controller.socket).await;
         let nch = channel(&node.socket).await;
         Self {
@@ -112,18 +144,19 @@ impl Env {
             ctl: ControllerClient::new(cch),
             nd: NodeClient::new(nch),
             dir,
-            fake,
+            backend,
+            node_id: NODE_ID.to_owned(),
             controller,
             node,
         }
     }
 
-    fn spawn_node_in(dir: &Path, api: &str) -> Plugin {
+    fn spawn_node_in(dir: &Path, backend: &Backend, node_id: &str) -> Plugin {
         let state = dir.join("node-state");
         spawn_plugin(
-            &["node", "--node-id", NODE_ID, "--state-dir", state.to_str().unwrap()],
+            &["node", "--node-id", node_id, "--state-dir", state.to_str().unwrap()],
             &dir.join("node.sock"),
-            api,
+            backend,
             &dir.join("node.log"),
         )
     }
@@ -131,8 +164,26 @@ impl Env {
     /// Kills the node plugin with SIGKILL and starts a new one on the same state dir.
     pub async fn restart_node(&mut self) {
         self.node.kill9();
-        self.node = Self::spawn_node_in(self.dir.path(), &self.fake.addr);
+        self.node = Self::spawn_node_in(self.dir.path(), &self.backend, &self.node_id);
         self.nd = NodeClient::new(channel(&self.node.socket).await);
+        self.identity_n = IdentityClient::new(channel(&self.node.socket).await);
+    }
+
+    /// The fake backend, if that is what runs.
+    pub fn fake(&self) -> Option<&fake::FakeControl> {
+        match &self.backend {
+            Backend::Fake(f) => Some(f),
+            Backend::Real(_) => None,
+        }
+    }
+
+    pub fn is_real(&self) -> bool {
+        matches!(self.backend, Backend::Real(_))
+    }
+
+    /// The node a created volume may be published on (its topology), as the CO would pick.
+    pub fn node_for(v: &Volume) -> Option<String> {
+        v.accessible_topology.first().and_then(|t| t.segments.values().next().cloned())
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -164,6 +215,11 @@ impl Env {
             .into_inner()
             .volume
             .unwrap();
+        // Run the node plugin as the node the volume is accessible from, as kubelet would.
+        if let Some(node) = Self::node_for(&v).filter(|n| *n != self.node_id) {
+            self.node_id = node;
+            self.restart_node().await;
+        }
         let ctx = self.publish(&v.volume_id, cap).await;
         (v.volume_id, ctx)
     }
@@ -172,7 +228,7 @@ impl Env {
         self.ctl
             .controller_publish_volume(ControllerPublishVolumeRequest {
                 volume_id: id.into(),
-                node_id: NODE_ID.into(),
+                node_id: self.node_id.clone(),
                 volume_capability: Some(cap),
                 ..Default::default()
             })

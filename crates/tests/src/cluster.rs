@@ -528,12 +528,17 @@ impl Cluster {
 
     /// Creates a volume (1 replica, thick) and returns it.
     pub async fn create_volume(&self, name: &str, size: ByteSize) -> Volume {
+        self.create_volume_with(name, size, false).await
+    }
+
+    /// Creates a 1-replica volume, thin or thick, and returns it.
+    pub async fn create_volume_with(&self, name: &str, size: ByteSize, thin: bool) -> Volume {
         let body = CreateVolumeBody {
             name: Name::new(name).expect("valid name"),
             id: None,
             size,
             replicas: 1,
-            thin: false,
+            thin,
         };
         self.client()
             .create_volume(&body)

@@ -62,7 +62,9 @@ fn parse_summary(text: &str) -> Option<(u64, u64, u64, u64)> {
 async fn acknowledged_flushed_writes_survive_engine_sigkill() {
     let c = Cluster::start(1, ByteSize::mib(512)).await;
     let tmp = tempfile::tempdir().unwrap();
-    let (_, uri) = c.create_published("crash", ByteSize::mib(64)).await;
+    // Thin, so that the first round also crashes in the middle of cluster allocations.
+    c.create_volume_with("crash", ByteSize::mib(64), true).await;
+    let uri = c.publish("crash").await;
     let (_, load_uri) = c.create_published("crash-load", ByteSize::mib(64)).await;
     let engine = c.target_engine("crash").await;
     let log = tmp.path().join("checker.log");

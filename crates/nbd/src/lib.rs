@@ -7,12 +7,14 @@
 //!                                                                         │
 //!                                                                 Arc<dyn Export> (nexus, …)
 //! ```
+//! [`Client`] is the other side: the nexus reaches replicas on other engines through it.
 //! The server knows nothing of pools or replicas: the engine implements [`Export`] for its
 //! nexus and an [`ExportRegistry`] to name them. With the `testing` feature, [`testing`]
 //! provides an in-memory sparse export for tests.
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+mod client;
 mod export;
 mod handshake;
 pub mod proto;
@@ -23,6 +25,10 @@ mod stats;
 pub mod testing;
 mod transmission;
 
+pub use client::{
+    Client, ClientAddr, ClientError, ClientOptions, DEFAULT_PORT, ReconnectEvent, ReconnectPolicy,
+    ReconnectingClient, errno_name,
+};
 pub use export::{BlockSizes, Capabilities, Export, ExportError, ExportRegistry, Extent};
 pub use request::export_errno;
 pub use server::{ServerConfig, serve_tcp, serve_unix};

@@ -112,8 +112,13 @@ impl Pool {
                 opts.name.len()
             )));
         }
-        if let Ok((sb, _)) = read_superblocks(&dev, &disk).await {
-            return Err(PoolError::AlreadyFormatted { name: sb.name, uuid: sb.uuid });
+        match read_superblocks(&dev, &disk).await {
+            Ok((sb, _)) => {
+                return Err(PoolError::AlreadyFormatted { name: sb.name, uuid: sb.uuid });
+            }
+            // A pool of a newer format is still a pool: never format over it.
+            Err(e @ PoolError::UnsupportedVersion { .. }) => return Err(e),
+            Err(_) => {}
         }
         let size =
             dev.size().map_err(|e| PoolError::io(format!("sizing {}", disk.display()), e))?;

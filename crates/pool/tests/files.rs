@@ -258,3 +258,28 @@ async fn a_thousand_replicas_import_quickly() {
     println!("imported 1000 replicas from a checkpoint in {:?}", started.elapsed());
     assert_eq!(pool.replicas().len(), 1000);
 }
+
+/// The engine spawns these futures on a multi-threaded runtime: they must be Send.
+#[allow(dead_code, clippy::let_underscore_future)]
+fn futures_are_send(pool: Arc<Pool>, r: trireme_pool::Replica, id: ReplicaId, sid: SnapshotId) {
+    fn send<T: Send>(_: T) {}
+    let p: &Path = Path::new("x");
+    send(Pool::create(p, opts(1)));
+    send(Pool::import(p));
+    send(pool.create_replica(id, ByteSize::mib(1), true, ReplicaMeta::default()));
+    send(pool.destroy_replica(id));
+    send(pool.resize_replica(id, ByteSize::mib(1)));
+    send(pool.set_replica_meta(id, ReplicaMeta::default()));
+    send(pool.create_snapshot(id, sid));
+    send(pool.destroy_snapshot(sid));
+    send(pool.create_clone(sid, id, ReplicaMeta::default()));
+    send(pool.close());
+    send(r.read(0, 1));
+    send(r.write(0, IoBuf::zeroed(1), false));
+    send(r.flush());
+    send(r.trim(0, 1));
+    send(r.write_zeroes(0, 1, true));
+    send(r.allocation(0, 1));
+    fn sync<T: Send + Sync + Clone>(_: &T) {}
+    sync(&r);
+}

@@ -158,6 +158,9 @@ impl Uring {
                 // The SQE stays queued and goes out with the next submit.
                 tracing::warn!(error = %e, "io_uring submit failed; will retry");
             }
+            // Deliver completions that are already there: under load this saves the waiters
+            // a trip through the eventfd and the reaper task.
+            st.reap();
         }
         match rx.await {
             Ok(c) => c,

@@ -26,6 +26,22 @@ impl EngineError {
     pub fn is_not_found(&self) -> bool {
         matches!(self, Self::Status { code: tonic::Code::NotFound, .. })
     }
+
+    /// The engine understood the request and refused it; repeating it will not help.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            Self::Status {
+                code: tonic::Code::InvalidArgument
+                    | tonic::Code::AlreadyExists
+                    | tonic::Code::FailedPrecondition
+                    | tonic::Code::ResourceExhausted
+                    | tonic::Code::NotFound
+                    | tonic::Code::Unimplemented,
+                ..
+            }
+        )
+    }
 }
 
 /// The engine channels, by node.

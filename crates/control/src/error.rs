@@ -102,6 +102,22 @@ impl ControlError {
             }
             Placement(_) => (StatusCode::SERVICE_UNAVAILABLE, "no-placement"),
             Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
+            Engine(EngineError::Timeout { .. }) => (StatusCode::GATEWAY_TIMEOUT, "engine-timeout"),
+            Engine(EngineError::Status { code, .. }) => match code {
+                // The engine's own verdicts on the request carry over; the rest is a failure
+                // of the engine as seen from here.
+                tonic::Code::ResourceExhausted => {
+                    (StatusCode::INSUFFICIENT_STORAGE, "insufficient-capacity")
+                }
+                tonic::Code::AlreadyExists | tonic::Code::FailedPrecondition => {
+                    (StatusCode::CONFLICT, "engine-conflict")
+                }
+                tonic::Code::InvalidArgument => {
+                    (StatusCode::UNPROCESSABLE_ENTITY, "engine-invalid-argument")
+                }
+                tonic::Code::NotFound => (StatusCode::NOT_FOUND, "engine-not-found"),
+                _ => (StatusCode::BAD_GATEWAY, "engine-error"),
+            },
             Engine(_) => (StatusCode::BAD_GATEWAY, "engine-error"),
             Store(_) | Record(_) => (StatusCode::INTERNAL_SERVER_ERROR, "store-error"),
         }

@@ -42,7 +42,7 @@ pub use rest::openapi_json;
 /// The store file inside the data dir.
 pub const STORE_FILE: &str = "control.redb";
 /// How long engine calls may take.
-const ENGINE_TIMEOUT: Duration = Duration::from_secs(5);
+const ENGINE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long shutdown waits for servers and reconcilers before aborting them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 

@@ -83,6 +83,17 @@ async fn bad_input_gets_clear_problems_and_the_server_keeps_serving() {
     .await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
     assert!(problem(s, &ctype, &text).detail.contains("ghost"));
+    // The engine refuses the disk: a clear answer and no pool spec left behind.
+    let bad_disk = trireme_api::CreatePoolBody {
+        name: "pool-bad".parse().unwrap(),
+        node: "node-1".parse().unwrap(),
+        disk: "/bad/disk".into(),
+        size: None,
+    };
+    let err = api.create_pool(&bad_disk).await.unwrap_err();
+    assert_eq!(err.status(), Some(409), "{err}");
+    assert!(err.to_string().contains("/bad/disk does not exist"), "{err}");
+    assert!(api.pool("pool-bad").await.unwrap_err().is_not_found());
     let resize = control.url("/v1/volumes/nope/resize");
     let (s, ..) =
         send(&http, reqwest::Method::POST, &resize, Some(&admin), Some(r#"{"size":"big"}"#)).await;

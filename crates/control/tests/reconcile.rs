@@ -164,16 +164,17 @@ async fn orphans_are_destroyed_and_unknown_replicas_kept() {
             .then_some(())
     })
     .await;
-    let st = n1.state.lock();
-    assert!(
-        st.replicas.contains_key(&stranger),
-        "a replica of an unknown volume is never destroyed"
-    );
-    assert!(
-        st.replicas.values().any(|r| r.volume_uuid == keep.id.to_string()),
-        "owned replicas stay"
-    );
-    drop(st);
+    {
+        let st = n1.state.lock();
+        assert!(
+            st.replicas.contains_key(&stranger),
+            "a replica of an unknown volume is never destroyed"
+        );
+        assert!(
+            st.replicas.values().any(|r| r.volume_uuid == keep.id.to_string()),
+            "owned replicas stay"
+        );
+    }
     let events = api.events(None).await.unwrap();
     assert!(
         events.iter().any(|e| e.reason == "orphan_destroyed" && e.kind == "replica"),

@@ -102,25 +102,28 @@ impl Reconciler {
 
     /// Step 1: what every online engine holds.
     async fn observe(&mut self, reg: &Registry) {
-        let nodes: Vec<(NodeId, String)> = {
+        let nodes: Vec<(NodeId, String, u64)> = {
             let st = reg.state.read();
             st.nodes
                 .values()
                 .filter(|n| n.online)
-                .map(|n| (n.record.id.clone(), n.record.grpc_endpoint.clone()))
+                .map(|n| {
+                    (n.record.id.clone(), n.record.grpc_endpoint.clone(), st.epoch(&n.record.id))
+                })
                 .collect()
         };
         let results =
-            futures::future::join_all(nodes.iter().map(|(id, ep)| observe_node(reg, id, ep))).await;
-        for ((id, _), result) in nodes.into_iter().zip(results) {
+            futures::future::join_all(nodes.iter().map(|(id, ep, _)| observe_node(reg, id, ep)))
+                .await;
+        for ((id, _, epoch), result) in nodes.into_iter().zip(results) {
             let subject = format!("observing node {id}");
             match result {
                 Ok(obs) => {
                     self.succeeded(&subject);
                     let mut st = reg.state.write();
-                    // The node may have gone offline while we asked; its answer is still the
-                    // freshest we have, but offline nodes keep no observation.
-                    if !st.node_online(&id) {
+                    // Offline nodes keep no observation; and a call that changed the engine
+                    // while we listed left fresher data than this listing (next pass).
+                    if !st.node_online(&id) || st.epoch(&id) != epoch {
                         continue;
                     }
                     for entry in st.pools.values_mut().filter(|p| p.record.node == id) {

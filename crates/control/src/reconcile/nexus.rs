@@ -131,7 +131,7 @@ async fn create_nexus(reg: &Registry, id: VolumeId) -> Result<(), crate::Control
     };
     let nexus = reg.engines.call(&node, "CreateNexus", client.create_nexus(req)).await?;
     let uri = nexus.share_uri.clone();
-    reg.state.write().observed.entry(node.clone()).or_default().nexuses.insert(id, nexus);
+    reg.state.write().touch(&node).nexuses.insert(id, nexus);
     reg.events()
         .record(
             Kind::Volume,
@@ -163,7 +163,7 @@ async fn destroy_replica(
         Err(e) if e.is_not_found() => {}
         Err(e) => return Err(e),
     }
-    if let Some(o) = reg.state.write().observed.get_mut(node) {
+    if let Some(o) = reg.state.write().touched(node) {
         o.replicas.remove(&rid);
     }
     Ok(())

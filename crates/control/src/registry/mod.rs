@@ -49,6 +49,8 @@ pub struct PoolEntry {
     pub record: PoolRecord,
     /// The pool as its engine last reported it; `None` when not observed (yet).
     pub observed: Option<rpc::Pool>,
+    /// Why the last attempt to create or import it failed, shown until one succeeds.
+    pub error: Option<String>,
 }
 
 /// What one node's engine last reported.
@@ -67,9 +69,28 @@ pub struct State {
     pub observed: HashMap<NodeId, Observation>,
     /// Volumes this store deleted.
     pub tombstones: HashSet<VolumeId>,
+    /// Bumped whenever an engine call's result is written into a node's observation, so that
+    /// a listing that started before it cannot overwrite it with older data.
+    pub epochs: HashMap<NodeId, u64>,
 }
 
 impl State {
+    /// A node's observation, for recording the result of a call that changed the engine.
+    pub fn touch(&mut self, node: &NodeId) -> &mut Observation {
+        *self.epochs.entry(node.clone()).or_default() += 1;
+        self.observed.entry(node.clone()).or_default()
+    }
+
+    /// Like [`State::touch`], for a node that may not have been observed.
+    pub fn touched(&mut self, node: &NodeId) -> Option<&mut Observation> {
+        *self.epochs.entry(node.clone()).or_default() += 1;
+        self.observed.get_mut(node)
+    }
+
+    pub fn epoch(&self, node: &NodeId) -> u64 {
+        self.epochs.get(node).copied().unwrap_or(0)
+    }
+
     pub fn node_online(&self, id: &NodeId) -> bool {
         self.nodes.get(id).is_some_and(|n| n.online)
     }
@@ -121,7 +142,9 @@ impl Registry {
         }
         for (key, v) in store.list(records::POOLS).await? {
             let record: PoolRecord = records::decode(&key, &v.value)?;
-            state.pools.insert(record.id.clone(), PoolEntry { record, observed: None });
+            state
+                .pools
+                .insert(record.id.clone(), PoolEntry { record, observed: None, error: None });
         }
         for (key, v) in store.list(records::VOLUMES).await? {
             let record: VolumeRecord = records::decode(&key, &v.value)?;
@@ -216,8 +239,12 @@ impl Registry {
         let key = records::pool_key(&record.id);
         self.store.put(&key, records::encode(&key, record)?).await?;
         let mut st = self.state.write();
-        let observed = st.pools.get(&record.id).and_then(|p| p.observed.clone());
-        st.pools.insert(record.id.clone(), PoolEntry { record: record.clone(), observed });
+        let (observed, error) = st
+            .pools
+            .get(&record.id)
+            .map(|p| (p.observed.clone(), p.error.clone()))
+            .unwrap_or_default();
+        st.pools.insert(record.id.clone(), PoolEntry { record: record.clone(), observed, error });
         Ok(())
     }
 

@@ -87,9 +87,19 @@ impl Registry {
                 format!("pool {} created on node {} ({})", record.id, record.node, record.disk),
             )
             .await;
-        // Try right away so the pool is usable when the answer arrives; the reconciler retries.
-        if let Err(e) = self.apply_pool(&record).await {
-            self.events.record(Kind::Pool, &record.id, "create_failed", e.to_string()).await;
+        // Try right away so the pool is usable when the answer arrives. A definitive refusal
+        // (bad disk, disk in use) undoes the spec; anything else is retried by the reconciler.
+        match self.apply_pool(&record).await {
+            Ok(()) => {}
+            Err(ControlError::Engine(e)) if e.is_refusal() => {
+                self.store.delete(&key).await?;
+                self.state.write().pools.remove(&record.id);
+                self.events.record(Kind::Pool, &record.id, "create_failed", e.to_string()).await;
+                return Err(e.into());
+            }
+            Err(e) => {
+                self.events.record(Kind::Pool, &record.id, "create_failed", e.to_string()).await;
+            }
         }
         Ok((self.pool(record.id.as_str())?, true))
     }
@@ -109,9 +119,21 @@ impl Registry {
             size_bytes: record.size.map(u64::from).unwrap_or(0),
             cluster_size: 0,
         };
-        let pool = self.engines.call(&record.node, "CreatePool", client.create_pool(req)).await?;
-        self.observe_pool(&record.node, pool);
-        Ok(())
+        match self.engines.call(&record.node, "CreatePool", client.create_pool(req)).await {
+            Ok(pool) => {
+                self.observe_pool(&record.node, pool);
+                if let Some(p) = self.state.write().pools.get_mut(&record.id) {
+                    p.error = None;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                if let Some(p) = self.state.write().pools.get_mut(&record.id) {
+                    p.error = Some(e.to_string());
+                }
+                Err(e.into())
+            }
+        }
     }
 
     /// Records one pool as observed on `node`.
@@ -123,7 +145,7 @@ impl Registry {
         {
             entry.observed = Some(pool.clone());
         }
-        st.observed.entry(node.clone()).or_default().pools.insert(pool.name.clone(), pool);
+        st.touch(&node).pools.insert(pool.name.clone(), pool);
     }
 
     /// Deletes a pool that holds no replica of any volume.
@@ -171,7 +193,7 @@ impl Registry {
         {
             let mut st = self.state.write();
             st.pools.remove(&record.id);
-            if let Some(o) = st.observed.get_mut(&record.node) {
+            if let Some(o) = st.touched(&record.node) {
                 o.pools.remove(record.id.as_str());
             }
         }

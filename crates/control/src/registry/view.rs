@@ -59,7 +59,7 @@ pub fn pool(st: &State, entry: &PoolEntry) -> Pool {
             used: ByteSize::ZERO,
             free: ByteSize::ZERO,
             replicas: 0,
-            error: None,
+            error: entry.error.clone(),
         },
     };
     Pool {

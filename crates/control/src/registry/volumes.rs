@@ -277,7 +277,7 @@ impl Registry {
             {
                 o.used_bytes = o.used_bytes.saturating_add(rep.size_bytes);
             }
-            st.observed.entry(r.node.clone()).or_default().replicas.insert(r.id, rep);
+            st.touch(&r.node).replicas.insert(r.id, rep);
         }
         Ok(())
     }
@@ -322,7 +322,7 @@ impl Registry {
                 Err(e) if e.is_not_found() => {} // already gone
                 Err(e) => return Err(e.into()),
             }
-            if let Some(o) = self.state.write().observed.get_mut(&r.node) {
+            if let Some(o) = self.state.write().touched(&r.node) {
                 o.replicas.remove(&r.id);
             }
         }
@@ -347,7 +347,7 @@ impl Registry {
             Err(e) if e.is_not_found() => {}
             Err(e) => return Err(e),
         }
-        if let Some(o) = self.state.write().observed.get_mut(node) {
+        if let Some(o) = self.state.write().touched(node) {
             o.nexuses.remove(&volume);
         }
         Ok(())
@@ -419,13 +419,7 @@ impl Registry {
                 rpc::ResizeReplicaRequest { uuid: r.id.to_string(), size_bytes: size.bytes() };
             let rep =
                 self.engines.call(&r.node, "ResizeReplica", client.resize_replica(req)).await?;
-            self.state
-                .write()
-                .observed
-                .entry(r.node.clone())
-                .or_default()
-                .replicas
-                .insert(r.id, rep);
+            self.state.write().touch(&r.node).replicas.insert(r.id, rep);
         }
         let nexus_at =
             record.publish.as_ref().and_then(|n| Some((n, self.state.read().online_endpoint(n)?)));
@@ -437,13 +431,7 @@ impl Registry {
             };
             match self.engines.call(node, "ResizeNexus", client.resize_nexus(req)).await {
                 Ok(n) => {
-                    self.state
-                        .write()
-                        .observed
-                        .entry(node.clone())
-                        .or_default()
-                        .nexuses
-                        .insert(record.id, n);
+                    self.state.write().touch(&node).nexuses.insert(record.id, n);
                 }
                 // No nexus yet: the reconciler creates it at the new size.
                 Err(e) if e.is_not_found() => {}

@@ -50,6 +50,9 @@ impl rpc::engine_server::Engine for FakeEngine {
         let r = r.into_inner();
         let mut st = self.state.lock();
         st.calls.push("CreatePool");
+        if r.disk.starts_with("/bad") {
+            return Err(Status::failed_precondition(format!("disk {} does not exist", r.disk)));
+        }
         let pool = st.pools.entry(r.name.clone()).or_insert_with(|| rpc::Pool {
             name: r.name.clone(),
             uuid: uuid::Uuid::new_v4().to_string(),

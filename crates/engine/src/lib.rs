@@ -32,6 +32,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use nix::fcntl::{Flock, FlockArg};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -67,6 +68,23 @@ pub struct RunningEngine {
     /// Cancelled on shutdown or when any server fails; a child of the caller's token.
     stop: CancellationToken,
     tasks: JoinSet<(&'static str, anyhow::Result<()>)>,
+    /// Held until the pools are closed, so a second engine cannot import them meanwhile.
+    _state_lock: Flock<std::fs::File>,
+}
+
+/// Takes an exclusive lock on the state directory: two engines importing the same pools
+/// would corrupt them.
+fn lock_state_dir(dir: &std::path::Path) -> anyhow::Result<Flock<std::fs::File>> {
+    let path = dir.join("engine.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
+        anyhow::anyhow!("another engine is using the state directory {} ({errno})", dir.display())
+    })
 }
 
 /// Binds the listeners, imports the pools, and starts the servers and registration.
@@ -74,6 +92,7 @@ pub async fn start(args: EngineArgs, shutdown: CancellationToken) -> anyhow::Res
     tokio::fs::create_dir_all(&args.state_dir).await.with_context(|| {
         format!("cannot create the state directory {}", args.state_dir.display())
     })?;
+    let state_lock = lock_state_dir(&args.state_dir)?;
     let grpc_listener = TcpListener::bind(args.grpc_listen)
         .await
         .with_context(|| format!("cannot listen for gRPC on {}", args.grpc_listen))?;
@@ -161,7 +180,15 @@ pub async fn start(args: EngineArgs, shutdown: CancellationToken) -> anyhow::Res
         node = %args.node_id, grpc = %endpoints.grpc, nbd = %endpoints.nbd,
         state_dir = %args.state_dir.display(), "engine started"
     );
-    Ok(RunningEngine { engine, grpc_addr, nbd_addr, metrics_addr, stop, tasks })
+    Ok(RunningEngine {
+        engine,
+        grpc_addr,
+        nbd_addr,
+        metrics_addr,
+        stop,
+        tasks,
+        _state_lock: state_lock,
+    })
 }
 
 impl RunningEngine {

@@ -403,6 +403,10 @@ async fn bad_requests_get_clear_status_codes() {
     let state = dir.path().join("state");
     let disk = dir.path().join("p.img");
     let mut e = start_engine(&state, None).await;
+    // A second engine on the same state directory would import the same pools: refused.
+    let second = EngineArgs::local(NodeId::new("node-2").unwrap(), state.clone());
+    let refused = trireme_engine::start(second, CancellationToken::new()).await.err().unwrap();
+    assert!(refused.to_string().contains("another engine"), "{refused:#}");
     let c = &mut e.client;
 
     // Pools.

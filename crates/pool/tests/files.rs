@@ -283,3 +283,45 @@ fn futures_are_send(pool: Arc<Pool>, r: trireme_pool::Replica, id: ReplicaId, si
     fn sync<T: Send + Sync + Clone>(_: &T) {}
     sync(&r);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_during_copy_on_write_see_old_or_new_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = pool_in(dir.path(), 128 * MIB).await;
+    let id = ReplicaId::new_random();
+    pool.create_replica(id, ByteSize::mib(4), true, ReplicaMeta::default()).await.unwrap();
+    let r = pool.open_replica(id).unwrap();
+    let old = pattern(11, 2 * MIB as usize);
+    r.write(0, IoBuf::copy_from(&old), false).await.unwrap();
+    for round in 0..4u64 {
+        pool.create_snapshot(id, SnapshotId::new_random()).await.unwrap();
+        let before = r.read(0, 2 * MIB as u32).await.unwrap().to_vec();
+        let mut tasks = tokio::task::JoinSet::new();
+        for t in 0..16u64 {
+            let r = r.clone();
+            let block = t * 97 % 512;
+            let new = pattern(1000 + round * 100 + t, 4096);
+            let before_block = before[(block * 4096) as usize..][..4096].to_vec();
+            tasks.spawn(async move {
+                if t % 2 == 0 {
+                    r.write(block * 4096, IoBuf::copy_from(&new), false).await.unwrap();
+                } else {
+                    // Readers of other blocks of the clusters being copied.
+                    let got = r.read(block * 4096, 4096).await.unwrap();
+                    assert_eq!(&got[..], &before_block[..], "a read during COW saw wrong data");
+                }
+            });
+        }
+        while let Some(t) = tasks.join_next().await {
+            t.unwrap();
+        }
+        for t in (0..16u64).step_by(2) {
+            let block = t * 97 % 512;
+            let got = r.read(block * 4096, 4096).await.unwrap();
+            assert_eq!(&got[..], &pattern(1000 + round * 100 + t, 4096)[..]);
+        }
+    }
+    let info = pool.replica_info(id).unwrap();
+    assert_eq!(info.allocated, ByteSize::mib(2));
+    pool.close().await.unwrap();
+}

@@ -255,7 +255,7 @@ async fn crash_everywhere(ops: Vec<Op>) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 20, failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 32, failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
     fn replay_after_crash_at_every_metadata_write(ops in proptest::collection::vec(op(), 1..40)) {

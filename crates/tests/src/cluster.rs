@@ -482,6 +482,28 @@ impl Cluster {
         }
     }
 
+    /// A crash of the whole machine's worth of processes: SIGKILL to `up` and every process it
+    /// started, at once. `restart()` afterwards must resume the cluster.
+    pub async fn crash(&mut self) {
+        let victims = self.children();
+        let pid = self.up_pid().expect("up is not running");
+        procs::signal_group(pid, Signal::SIGKILL);
+        for p in &victims {
+            procs::signal(p.pid, Signal::SIGKILL);
+        }
+        if let Some(mut c) = self.up.take() {
+            c.wait().ok();
+        }
+        tools::wait_for("every process of the cluster to die", Duration::from_secs(20), || {
+            let victims = victims.clone();
+            async move {
+                let alive: Vec<_> = victims.iter().filter(|p| procs::is_alive(p.pid)).collect();
+                if alive.is_empty() { Ok(()) } else { Err(format!("{alive:?}")) }
+            }
+        })
+        .await;
+    }
+
     /// Kills everything without ceremony (also what Drop does).
     pub fn kill_all(&mut self) {
         let mut victims = self.children();

@@ -162,3 +162,56 @@ async fn acknowledged_flushed_writes_survive_engine_sigkill() {
         eprintln!("round {round}: {}", text.lines().last().unwrap_or(""));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_flushed_writes_survive_a_crash_of_every_process() {
+    let mut c = Cluster::start(2, ByteSize::mib(256)).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, uri) = c.create_published("crash-all", ByteSize::mib(32)).await;
+    let log = tmp.path().join("checker.log");
+    let log_s = log.to_str().unwrap().to_owned();
+    let writer = tokio::process::Command::new(CHECKER)
+        .args([
+            "write",
+            "--uri",
+            &uri,
+            "--log",
+            &log_s,
+            "--seconds",
+            "120",
+            "--flush-every-ms",
+            "100",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while read_log(&log).map(|l| l.covered.last_flush).unwrap_or(0) < 10 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the checker completed fewer than 10 flushes in 60s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // up, control and every engine die at once; then a fresh `up` resumes the cluster.
+    c.crash().await;
+    let out = tokio::time::timeout(Duration::from_secs(60), writer.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(out.status.success(), "{}", describe_output("trireme-checker write", &out));
+    c.restart().await;
+    let uri = c.wait_target("crash-all").await;
+    c.wait_nbd(&uri).await;
+    let out = run(CHECKER, &["verify", "--uri", &uri, "--log", &log_s], T).await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "acknowledged writes were lost\n{}",
+        describe_output("trireme-checker verify", &out)
+    );
+    let (_, covered, _, lost) = parse_summary(&text).unwrap();
+    assert!(covered > 0 && lost == 0, "{text}");
+}

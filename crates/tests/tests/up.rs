@@ -7,6 +7,7 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use trireme_tests::tools::{run_ok, wait_for};
 use trireme_tests::{ByteSize, Cluster, procs};
+use trireme_types::NodeState;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_restarts_killed_children() {
@@ -71,4 +72,42 @@ async fn ctrl_c_stops_everything_and_a_second_run_resumes() {
     assert_eq!(v.id, vol.id);
     // And SIGTERM to up alone stops its children too.
     c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_engine_goes_offline_and_comes_back() {
+    let c = Cluster::start(2, ByteSize::mib(256)).await;
+    let pid = c.engine_pid(2).unwrap();
+    let client = c.client();
+    let node_state = |want: NodeState| {
+        let client = client.clone();
+        async move {
+            let n = client.node("node-2").await.map_err(|e| e.to_string())?;
+            if n.status.state == want { Ok(()) } else { Err(format!("{:?}", n.status)) }
+        }
+    };
+    // SIGSTOP: the process lives but misses heartbeats, as a hung or partitioned node would.
+    procs::signal(pid, Signal::SIGSTOP);
+    let _resume = Resume(pid);
+    wait_for("node-2 to be marked offline", Duration::from_secs(90), || {
+        node_state(NodeState::Offline)
+    })
+    .await;
+    let n1 = client.node("node-1").await.unwrap();
+    assert_eq!(n1.status.state, NodeState::Online, "the healthy node went offline too");
+    procs::signal(pid, Signal::SIGCONT);
+    wait_for("node-2 to be online again", Duration::from_secs(90), || {
+        node_state(NodeState::Online)
+    })
+    .await;
+    assert_eq!(c.engine_pid(2), Some(pid), "up restarted the engine instead of waiting for it");
+}
+
+/// Resumes a stopped process even if the test fails.
+struct Resume(i32);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        procs::signal(self.0, Signal::SIGCONT);
+    }
 }

@@ -28,7 +28,7 @@ mod identity;
 mod node;
 mod server;
 
-pub use args::{ControllerArgs, NodeArgs};
+pub use args::{CommonArgs, ControllerArgs, NodeArgs};
 pub use server::{run_controller, run_node};
 
 /// The CSI driver name (`GetPluginInfo`, the Kubernetes `CSIDriver` object, StorageClasses).

@@ -351,3 +351,35 @@ pub fn code<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> tonic::Code {
         Err(s) => s.code(),
     }
 }
+
+impl Drop for Env {
+    /// Best-effort cleanup, so a failing test does not leave mounts, loop devices or nbdfuse
+    /// processes behind for the next one (a passing test has already asserted there are none).
+    fn drop(&mut self) {
+        let root = self.dir.path().to_str().unwrap().to_owned();
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mut points: Vec<String> = mounts
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|p| p.starts_with(&root))
+            .map(str::to_owned)
+            .collect();
+        points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+        for p in points {
+            let _ = Command::new("umount").args(["-l", &p]).status();
+        }
+        for e in std::fs::read_dir("/sys/block").into_iter().flatten().flatten() {
+            let backing = std::fs::read_to_string(e.path().join("loop/backing_file"));
+            if backing.is_ok_and(|b| b.starts_with(&root)) {
+                let dev = format!("/dev/{}", e.file_name().to_string_lossy());
+                let _ = Command::new("losetup").args(["-d", &dev]).status();
+            }
+        }
+        for pid in nbdfuse_processes(&root) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}

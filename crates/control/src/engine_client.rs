@@ -11,7 +11,7 @@ use trireme_rpc::engine_client::EngineClient;
 use trireme_types::NodeId;
 
 /// Why an engine call failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum EngineError {
     #[error("node {node} has an invalid engine endpoint {endpoint:?}")]
     BadEndpoint { node: NodeId, endpoint: String },

@@ -156,7 +156,7 @@ async fn volume_lifecycle() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failed_replica_creation_leaves_nothing_behind() {
+async fn engine_refusals_are_clear_and_leave_nothing_behind() {
     let dir = tempfile::tempdir().unwrap();
     let control = TestControl::start(dir.path()).await;
     let api = control.admin();
@@ -171,6 +171,18 @@ async fn failed_replica_creation_leaves_nothing_behind() {
     n1.state.lock().fail_create_replica = false;
     // The name is free again.
     api.create_volume(&vol("vol-1", ByteSize::mib(10))).await.unwrap();
+
+    // An engine that refuses the nexus makes publish fail fast with its reason, not time out.
+    n1.state.lock().fail_create_nexus = true;
+    let started = std::time::Instant::now();
+    let err = api.publish_volume("vol-1", &PublishBody::default()).await.unwrap_err();
+    assert_eq!(err.status(), Some(409), "{err}");
+    assert!(err.to_string().contains("injected nexus refusal"), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    // Once the engine accepts, the reconciler (or a repeated publish) gets it published.
+    n1.state.lock().fail_create_nexus = false;
+    let v = api.publish_volume("vol-1", &PublishBody::default()).await.unwrap();
+    assert!(v.status.target.is_some());
     n1.stop().await;
     control.stop().await;
 }

@@ -129,9 +129,21 @@ async fn create_nexus(reg: &Registry, id: VolumeId) -> Result<(), crate::Control
         size_bytes: record.size.bytes(),
         children,
     };
-    let nexus = reg.engines.call(&node, "CreateNexus", client.create_nexus(req)).await?;
+    let nexus = match reg.engines.call(&node, "CreateNexus", client.create_nexus(req)).await {
+        Ok(n) => n,
+        Err(e) => {
+            if e.is_refusal() {
+                reg.state.write().nexus_errors.insert(id, e.clone());
+            }
+            return Err(e.into());
+        }
+    };
     let uri = nexus.share_uri.clone();
-    reg.state.write().touch(&node).nexuses.insert(id, nexus);
+    {
+        let mut st = reg.state.write();
+        st.nexus_errors.remove(&id);
+        st.touch(&node).nexuses.insert(id, nexus);
+    }
     reg.events()
         .record(
             Kind::Volume,

@@ -72,6 +72,8 @@ pub struct State {
     /// Bumped whenever an engine call's result is written into a node's observation, so that
     /// a listing that started before it cannot overwrite it with older data.
     pub epochs: HashMap<NodeId, u64>,
+    /// The engine's refusal of a volume's last nexus creation, for publish to report.
+    pub nexus_errors: HashMap<VolumeId, crate::engine_client::EngineError>,
 }
 
 impl State {

@@ -145,7 +145,7 @@ impl Registry {
         {
             entry.observed = Some(pool.clone());
         }
-        st.touch(&node).pools.insert(pool.name.clone(), pool);
+        st.touch(node).pools.insert(pool.name.clone(), pool);
     }
 
     /// Deletes a pool that holds no replica of any volume.

@@ -81,9 +81,12 @@ impl State {
 }
 
 impl Registry {
+    /// Every volume, by name.
     pub fn volumes(&self) -> Vec<Volume> {
         let st = self.state.read();
-        st.volumes.values().map(|v| view::volume(&st, v)).collect()
+        let mut out: Vec<Volume> = st.volumes.values().map(|v| view::volume(&st, v)).collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
     }
 
     pub fn volume(&self, id: &str) -> Result<Volume, ControlError> {
@@ -431,7 +434,7 @@ impl Registry {
             };
             match self.engines.call(node, "ResizeNexus", client.resize_nexus(req)).await {
                 Ok(n) => {
-                    self.state.write().touch(&node).nexuses.insert(record.id, n);
+                    self.state.write().touch(node).nexuses.insert(record.id, n);
                 }
                 // No nexus yet: the reconciler creates it at the new size.
                 Err(e) if e.is_not_found() => {}
@@ -515,14 +518,18 @@ impl Registry {
                     .await;
             }
         }
+        self.state.write().nexus_errors.remove(&vid);
         self.wake();
         let mut passes = self.subscribe_passes();
         let wait = async {
             loop {
-                if let Ok(v) = self.volume(&vid.to_string())
-                    && v.status.target.is_some()
-                {
+                let v = self.volume(&vid.to_string())?;
+                if v.status.target.is_some() {
                     return Ok(v);
+                }
+                // The engine refused the nexus: waiting longer will not change its mind.
+                if let Some(e) = self.state.read().nexus_errors.get(&vid).cloned() {
+                    return Err(e.into());
                 }
                 if passes.changed().await.is_err() {
                     return Err(ControlError::Timeout {

@@ -22,6 +22,7 @@ pub struct FakeState {
     pub replicas: HashMap<String, rpc::Replica>,
     pub nexuses: HashMap<String, rpc::Nexus>,
     pub fail_create_replica: bool,
+    pub fail_create_nexus: bool,
     pub calls: Vec<&'static str>,
 }
 
@@ -161,6 +162,9 @@ impl rpc::engine_server::Engine for FakeEngine {
         let r = r.into_inner();
         let mut st = self.state.lock();
         st.calls.push("CreateNexus");
+        if st.fail_create_nexus {
+            return Err(Status::failed_precondition("injected nexus refusal"));
+        }
         for c in &r.children {
             let uuid = c
                 .uri

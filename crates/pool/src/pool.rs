@@ -498,7 +498,10 @@ impl Pool {
             return Ok(());
         }
         let _drain = self.inner.gate.write().await;
-        self.inner.flush(true).await
+        let res = self.inner.flush(true).await;
+        // Nothing touches the disk after this; let a new instance import it right away.
+        self.inner.dev.unlock();
+        res
     }
 
     #[cfg(test)]

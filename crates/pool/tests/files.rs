@@ -188,6 +188,14 @@ async fn corrupt_and_truncated_files_give_clear_errors() {
     let again = Pool::create(&path, opts(64 * MIB)).await;
     assert!(matches!(again, Err(PoolError::AlreadyFormatted { .. })));
 
+    // A disk is never open in two pool instances at once; close releases it.
+    let first = Pool::import(&path).await.unwrap();
+    let err = Pool::import(&path).await.err().unwrap();
+    assert!(matches!(err, PoolError::Io { .. }) && err.to_string().contains("in use"), "{err}");
+    first.close().await.unwrap();
+    Pool::import(&path).await.unwrap().close().await.unwrap();
+    drop(first);
+
     let pristine = std::fs::read(&path).unwrap();
     let mut bytes = pristine.clone();
     bytes[64] ^= 0xff; // superblock copy A

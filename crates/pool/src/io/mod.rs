@@ -53,6 +53,13 @@ impl Backend {
             }
             Err(e) => return Err(e),
         };
+        lock(&file, libc::LOCK_EX | libc::LOCK_NB).map_err(|e| {
+            if e.kind() == io::ErrorKind::WouldBlock {
+                io::Error::new(e.kind(), "the disk is in use by another pool instance (locked)")
+            } else {
+                e
+            }
+        })?;
         let file = Arc::new(file);
         match uring::Uring::new(file.clone()) {
             Ok(u) => Ok(Self::Uring(u)),
@@ -67,6 +74,7 @@ impl Backend {
     #[cfg(test)]
     pub(crate) fn open_sync(path: &Path) -> io::Result<Self> {
         let file = OpenOptions::new().read(true).write(true).open(path)?;
+        lock(&file, libc::LOCK_EX | libc::LOCK_NB)?;
         Ok(Self::Sync(sync::SyncDev::new(Arc::new(file))))
     }
 
@@ -76,6 +84,19 @@ impl Backend {
             Self::Sync(_) => "sync",
             #[cfg(test)]
             Self::Mem(_) => "mem",
+        }
+    }
+
+    /// Drops the exclusive lock on the disk (after close: no more I/O will be issued).
+    pub(crate) fn unlock(&self) {
+        let file = match self {
+            Self::Uring(u) => u.file(),
+            Self::Sync(s) => s.file(),
+            #[cfg(test)]
+            Self::Mem(_) => return,
+        };
+        if let Err(e) = lock(file, libc::LOCK_UN) {
+            tracing::warn!(error = %e, "unlocking the pool disk failed");
         }
     }
 
@@ -156,6 +177,17 @@ impl Backend {
             done += n as u64;
         }
         Ok(())
+    }
+}
+
+/// An advisory lock on the whole disk, so that two pool instances (two engines, or a stale
+/// one in the same process) never write the same disk. Released when the file is closed.
+fn lock(file: &File, op: i32) -> io::Result<()> {
+    // SAFETY: flock only takes a descriptor and flags; the fd is valid while `file` lives.
+    if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 

@@ -28,7 +28,7 @@ pub struct EngineArgs {
     #[arg(long, env = "TRIREME_NBD_ADVERTISE")]
     pub nbd_advertise: Option<String>,
 
-    /// Control's gRPC endpoint, e.g. http://127.0.0.1:7481. Without it the engine runs
+    /// Control's gRPC endpoint, a URL or host:port (e.g. http://127.0.0.1:7481). Without it the engine runs
     /// unregistered (useful for tests and manual use).
     #[arg(long, env = "TRIREME_CONTROL")]
     pub control: Option<String>,

@@ -34,6 +34,11 @@ pub struct BadEndpoint {
     source: tonic::transport::Error,
 }
 
+/// Control's endpoint as a URL: `host:port` means plain HTTP/2 to that address.
+fn control_url(control: &str) -> String {
+    if control.contains("://") { control.to_owned() } else { format!("http://{control}") }
+}
+
 pub struct Registration {
     client: RegistryClient<Channel>,
     node_id: NodeId,
@@ -42,7 +47,8 @@ pub struct Registration {
 }
 
 impl Registration {
-    /// Prepares the client; connects lazily, so control need not be up yet.
+    /// Prepares the client; connects lazily, so control need not be up yet. Needs a Tokio
+    /// runtime.
     pub fn new(
         control: &str,
         node_id: NodeId,
@@ -50,7 +56,7 @@ impl Registration {
         heartbeat: Duration,
     ) -> Result<Self, BadEndpoint> {
         let bad = |source| BadEndpoint { endpoint: control.to_owned(), source };
-        let channel = Endpoint::from_shared(control.to_owned())
+        let channel = Endpoint::from_shared(control_url(control))
             .map_err(bad)?
             .connect_timeout(CALL_TIMEOUT)
             .timeout(CALL_TIMEOUT)
@@ -164,5 +170,21 @@ impl Link {
             tracing::warn!(error = why, "control is unreachable; retrying in the background");
         }
         self.reachable = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn control_endpoints_take_a_url_or_host_port() {
+        assert_eq!(control_url("127.0.0.1:7481"), "http://127.0.0.1:7481");
+        assert_eq!(control_url("https://control:7481"), "https://control:7481");
+        let node = NodeId::new("n").unwrap();
+        let ep = Endpoints { grpc: "a:1".into(), nbd: "a:2".into() };
+        let hb = Duration::from_secs(1);
+        assert!(Registration::new("control:7481", node.clone(), ep.clone(), hb).is_ok());
+        assert!(Registration::new("http://bad host:1", node, ep, hb).is_err());
     }
 }

@@ -144,6 +144,18 @@ fn sample(metrics: &str, prefix: &str) -> f64 {
     line.rsplit(' ').next().unwrap().parse().unwrap()
 }
 
+/// `(offset, length, hole)` runs of the export's `base:allocation` map, from `nbdinfo --map`.
+async fn allocation_map(uri: &str) -> Vec<(u64, u64, bool)> {
+    let out = tool("nbdinfo", &["--map", uri]).await;
+    out.lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let flags: u32 = f[2].parse().unwrap();
+            (f[0].parse().unwrap(), f[1].parse().unwrap(), flags & 1 == 1)
+        })
+        .collect()
+}
+
 fn code<T: std::fmt::Debug>(r: Result<Response<T>, Status>) -> Code {
     r.expect_err("expected an error status").code()
 }
@@ -360,6 +372,20 @@ async fn volume_lifecycle_through_grpc_and_nbd_survives_a_restart() {
     assert_eq!(back.len() as u64, 64 * MIB);
     assert!(back[..data.len()] == data[..], "data differs after restart");
     assert!(back[data.len()..].iter().all(|&b| b == 0));
+
+    // Block status through the nexus: the written region is data, the rest a hole.
+    let map = allocation_map(&nexus.share_uri).await;
+    assert_eq!(map[0], (0, data.len() as u64, false), "{map:?}");
+    assert!(map[1..].iter().all(|&(_, _, hole)| hole), "{map:?}");
+    // TRIM through the nexus frees whole clusters, which then read as zeroes.
+    tool("qemu-io", &["-f", "raw", "-c", "discard 0 1M", &nexus.share_uri]).await;
+    let map = allocation_map(&nexus.share_uri).await;
+    assert_eq!(map[0], (0, MIB, true), "{map:?}");
+    let out3 = dir.path().join("out3.bin");
+    tool("nbdcopy", &[&nexus.share_uri, out3.to_str().unwrap()]).await;
+    let back = std::fs::read(&out3).unwrap();
+    assert!(back[..MIB as usize].iter().all(|&b| b == 0));
+    assert!(back[MIB as usize..data.len()] == data[MIB as usize..]);
 
     // Teardown, every step idempotent.
     let destroy_nexus = rpc::DestroyNexusRequest { volume_uuid: volume_id.clone() };

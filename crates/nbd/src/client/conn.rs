@@ -472,3 +472,7 @@ impl<R: AsyncRead + Unpin> Replies<'_, R> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+#[path = "conn_tests.rs"]
+mod tests;

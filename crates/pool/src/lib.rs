@@ -29,6 +29,7 @@ mod inner;
 mod io;
 mod journal;
 mod layout;
+mod map;
 mod meta;
 mod pool;
 mod replica;

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use trireme_types::{ReplicaId, SnapshotId, VolumeId};
 
 use crate::codec::{Dec, Enc};
+use crate::map::ClusterMap;
 use crate::replica::ReplicaIo;
 use crate::{PoolError, ReplicaMeta};
 
@@ -46,7 +47,7 @@ pub(crate) struct ReplicaState {
     pub(crate) thin: bool,
     pub(crate) meta: ReplicaMeta,
     pub(crate) parent: Option<SnapshotId>,
-    pub(crate) map: Vec<u32>,
+    pub(crate) map: ClusterMap,
     pub(crate) mapped: u64,
     /// Runtime I/O state shared with open handles (not persisted).
     pub(crate) io: Arc<ReplicaIo>,
@@ -56,7 +57,7 @@ pub(crate) struct SnapshotState {
     pub(crate) source: ReplicaId,
     pub(crate) size: u64,
     pub(crate) created: u64,
-    pub(crate) map: Vec<u32>,
+    pub(crate) map: ClusterMap,
 }
 
 /// One metadata change, as journaled.
@@ -251,11 +252,11 @@ impl Meta {
         Ok(())
     }
 
-    fn check_extents(&self, extents: &[Extent], map_len: usize) -> Result<(), PoolError> {
+    fn check_extents(&self, extents: &[Extent], map_len: u64) -> Result<(), PoolError> {
         for e in extents {
             let v_end = u64::from(e.v) + u64::from(e.n);
             let p_end = u64::from(e.p) + u64::from(e.n);
-            if v_end > map_len as u64 || p_end > u64::from(self.cluster_count) {
+            if v_end > map_len || p_end > u64::from(self.cluster_count) {
                 return Err(PoolError::corrupt(format!("extent {e:?} out of range")));
             }
         }
@@ -264,18 +265,16 @@ impl Meta {
 
     fn map_extents(
         &mut self,
-        map: &mut [u32],
+        map: &mut ClusterMap,
         extents: &[Extent],
         incref: bool,
     ) -> Result<u64, PoolError> {
         let mut mapped = 0;
         for e in extents {
             for i in 0..e.n {
-                let slot = &mut map[(e.v + i) as usize];
-                if *slot != HOLE {
+                if map.set(e.v + i, e.p + i + 1) != HOLE {
                     return Err(PoolError::corrupt("extent maps an already mapped cluster"));
                 }
-                *slot = e.p + i + 1;
                 mapped += 1;
                 if incref {
                     self.incref(e.p + i)?;
@@ -294,7 +293,7 @@ impl Meta {
                 if self.replicas.contains_key(id) {
                     return Err(PoolError::corrupt(format!("replica {id} created twice")));
                 }
-                let mut map = vec![HOLE; clusters_for(*size, cs) as usize];
+                let mut map = ClusterMap::new(clusters_for(*size, cs));
                 self.check_extents(extents, map.len())?;
                 let mapped = self.map_extents(&mut map, extents, !live)?;
                 self.replicas.insert(
@@ -319,11 +318,9 @@ impl Meta {
                 })?;
                 let (map, size) = (s.map.clone(), s.size);
                 let mut mapped = 0;
-                for &e in &map {
-                    if e != HOLE {
-                        self.incref(e - 1)?;
-                        mapped += 1;
-                    }
+                for (_, e) in map.mapped() {
+                    self.incref(e - 1)?;
+                    mapped += 1;
                 }
                 self.replicas.insert(
                     *id,
@@ -342,10 +339,8 @@ impl Meta {
                 let r = self.replicas.remove(id).ok_or_else(|| {
                     PoolError::corrupt(format!("destroy of unknown replica {id}"))
                 })?;
-                for e in r.map {
-                    if e != HOLE {
-                        self.decref(e - 1, live);
-                    }
+                for (_, e) in r.map.mapped() {
+                    self.decref(e - 1, live);
                 }
             }
             Record::Resize { id, size, extents } => {
@@ -357,7 +352,7 @@ impl Meta {
                     if *size < r.size {
                         return Err(PoolError::corrupt("resize shrinks a replica"));
                     }
-                    r.map.resize(clusters_for(*size, cs) as usize, HOLE);
+                    r.map.resize(clusters_for(*size, cs));
                     self.check_extents(extents, r.map.len())?;
                     r.mapped += self.map_extents(&mut r.map, extents, !live)?;
                     r.size = *size;
@@ -380,10 +375,10 @@ impl Meta {
                     .replicas
                     .get_mut(id)
                     .ok_or_else(|| PoolError::corrupt(format!("map in unknown replica {id}")))?;
-                if *v as usize >= r.map.len() || *p >= count {
+                if u64::from(*v) >= r.map.len() || *p >= count {
                     return Err(PoolError::corrupt(format!("map {v}->{p} out of range")));
                 }
-                let old = std::mem::replace(&mut r.map[*v as usize], p + 1);
+                let old = r.map.set(*v, p + 1);
                 if old == HOLE {
                     r.mapped += 1;
                 }
@@ -399,11 +394,10 @@ impl Meta {
                     .replicas
                     .get_mut(id)
                     .ok_or_else(|| PoolError::corrupt(format!("unmap in unknown replica {id}")))?;
-                let slot = r
-                    .map
-                    .get_mut(*v as usize)
-                    .ok_or_else(|| PoolError::corrupt(format!("unmap of {v} out of range")))?;
-                let old = std::mem::replace(slot, HOLE);
+                if u64::from(*v) >= r.map.len() {
+                    return Err(PoolError::corrupt(format!("unmap of {v} out of range")));
+                }
+                let old = r.map.set(*v, HOLE);
                 if old != HOLE {
                     r.mapped -= 1;
                     self.decref(old - 1, live);
@@ -417,10 +411,8 @@ impl Meta {
                     PoolError::corrupt(format!("snapshot of unknown replica {source}"))
                 })?;
                 let (map, size) = (r.map.clone(), r.size);
-                for &e in &map {
-                    if e != HOLE {
-                        self.incref(e - 1)?;
-                    }
+                for (_, e) in map.mapped() {
+                    self.incref(e - 1)?;
                 }
                 self.snapshots
                     .insert(*id, SnapshotState { source: *source, size, created: *created, map });
@@ -429,10 +421,8 @@ impl Meta {
                 let s = self.snapshots.remove(id).ok_or_else(|| {
                     PoolError::corrupt(format!("destroy of unknown snapshot {id}"))
                 })?;
-                for e in s.map {
-                    if e != HOLE {
-                        self.decref(e - 1, live);
-                    }
+                for (_, e) in s.map.mapped() {
+                    self.decref(e - 1, live);
                 }
             }
         }
@@ -445,10 +435,10 @@ impl Meta {
         self.free = u64::from(self.cluster_count);
         let mut all: Vec<u32> = Vec::new();
         for r in self.replicas.values() {
-            all.extend(r.map.iter().filter(|&&e| e != HOLE).map(|e| e - 1));
+            all.extend(r.map.mapped().map(|(_, e)| e - 1));
         }
         for s in self.snapshots.values() {
-            all.extend(s.map.iter().filter(|&&e| e != HOLE).map(|e| e - 1));
+            all.extend(s.map.mapped().map(|(_, e)| e - 1));
         }
         for p in all {
             self.incref(p)?;
@@ -489,11 +479,7 @@ impl Meta {
     /// snapshot or clone whose checkpoint could no longer fit).
     pub(crate) fn encoded_len_estimate(&self) -> usize {
         let maps: usize = self.replicas.values().map(|r| r.mapped as usize).sum::<usize>()
-            + self
-                .snapshots
-                .values()
-                .map(|s| s.map.iter().filter(|&&e| e != HOLE).count())
-                .sum::<usize>();
+            + self.snapshots.values().map(|s| s.map.mapped().count()).sum::<usize>();
         8 + self.replicas.len() * 96 + self.snapshots.len() * 64 + maps * 12
     }
 
@@ -513,7 +499,7 @@ impl Meta {
             let meta = decode_meta(&mut d)?;
             let parent = d.opt16()?.map(SnapshotId::from_bytes);
             let extents = decode_extents(&mut d)?;
-            let mut map = vec![HOLE; clusters_for(size, cluster_size) as usize];
+            let mut map = ClusterMap::new(clusters_for(size, cluster_size));
             m.check_extents(&extents, map.len())?;
             let mapped = m.map_extents(&mut map, &extents, false)?;
             let io = Arc::new(ReplicaIo::new(size));
@@ -526,7 +512,7 @@ impl Meta {
             let size = d.u64()?;
             let created = d.u64()?;
             let extents = decode_extents(&mut d)?;
-            let mut map = vec![HOLE; clusters_for(size, cluster_size) as usize];
+            let mut map = ClusterMap::new(clusters_for(size, cluster_size));
             m.check_extents(&extents, map.len())?;
             m.map_extents(&mut map, &extents, false)?;
             m.snapshots.insert(id, SnapshotState { source, size, created, map });
@@ -541,19 +527,15 @@ impl Meta {
         let mut expect = vec![0u32; self.cluster_count as usize];
         for r in self.replicas.values() {
             let mut mapped = 0;
-            for &e in &r.map {
-                if e != HOLE {
-                    expect[(e - 1) as usize] += 1;
-                    mapped += 1;
-                }
+            for (_, e) in r.map.mapped() {
+                expect[(e - 1) as usize] += 1;
+                mapped += 1;
             }
             assert_eq!(mapped, r.mapped);
         }
         for s in self.snapshots.values() {
-            for &e in &s.map {
-                if e != HOLE {
-                    expect[(e - 1) as usize] += 1;
-                }
+            for (_, e) in s.map.mapped() {
+                expect[(e - 1) as usize] += 1;
             }
         }
         let mut free = 0;
@@ -571,13 +553,10 @@ impl Meta {
 }
 
 /// Coalesces a map into extents of consecutive virtual and physical clusters.
-pub(crate) fn extents_of(map: &[u32]) -> Vec<Extent> {
+pub(crate) fn extents_of(map: &ClusterMap) -> Vec<Extent> {
     let mut out: Vec<Extent> = Vec::new();
-    for (v, &e) in map.iter().enumerate() {
-        if e == HOLE {
-            continue;
-        }
-        let (v, p) = (v as u32, e - 1);
+    for (v, e) in map.mapped() {
+        let p = e - 1;
         match out.last_mut() {
             Some(x) if x.v + x.n == v && x.p + x.n == p => x.n += 1,
             _ => out.push(Extent { v, p, n: 1 }),

@@ -284,7 +284,7 @@ impl Pool {
             if new < r.size {
                 return Err(PoolError::ShrinkRefused { id, from: ByteSize::b(r.size), to: size });
             }
-            let (old_n, new_n) = (r.map.len() as u64, clusters_for(new, cs));
+            let (old_n, new_n) = (r.map.len(), clusters_for(new, cs));
             if new_n >= u64::from(u32::MAX) {
                 return Err(PoolError::InvalidArgument(format!(
                     "replica size {new} is out of range"
@@ -474,7 +474,7 @@ impl Pool {
                 None => {
                     let s =
                         m.snapshots.get(&snapshot).ok_or(PoolError::SnapshotNotFound(snapshot))?;
-                    let added = s.map.len() as u64;
+                    let added = s.map.mapped().count() as u64;
                     self.check_room(&m, added)?;
                     m.log(Record::Clone { id, snapshot, meta })?;
                     None

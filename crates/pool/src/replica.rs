@@ -196,7 +196,7 @@ impl Replica {
         while pos < end {
             let v = pos / cs;
             let piece_end = ((v + 1) * cs).min(end);
-            let allocated = r.map.get(v as usize).is_some_and(|&e| e != HOLE);
+            let allocated = r.map.get(v as u32) != HOLE;
             match out.last_mut() {
                 Some(last) if last.allocated == allocated => last.length += piece_end - pos,
                 _ => out.push(Allocation { offset: pos, length: piece_end - pos, allocated }),
@@ -238,7 +238,7 @@ impl Ctx<'_> {
             return Ok(Lookup::Busy(sem.clone()));
         }
         let r = m.replicas.get(&self.id).ok_or(PoolError::Destroyed(self.id))?;
-        Ok(match r.map.get(v as usize).copied().unwrap_or(HOLE) {
+        Ok(match r.map.get(v) {
             HOLE => Lookup::Hole,
             e if m.refcount(e - 1) == 1 => Lookup::Exclusive(e - 1),
             e => Lookup::Shared(e - 1),
@@ -473,7 +473,7 @@ impl Ctx<'_> {
             let (thin, found) = {
                 let m = self.inner.meta();
                 let r = m.replicas.get(&self.id).ok_or(PoolError::Destroyed(self.id))?;
-                (r.thin, r.map.get(v as usize).copied().unwrap_or(HOLE))
+                (r.thin, r.map.get(v))
             };
             if found != HOLE {
                 if whole && dealloc && thin {

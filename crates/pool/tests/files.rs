@@ -236,7 +236,8 @@ async fn a_thousand_replicas_import_quickly() {
         tasks.spawn(async move {
             for (i, id) in chunk.into_iter().enumerate() {
                 let meta = ReplicaMeta { volume: None, generation: i as u64, epoch: 0 };
-                pool.create_replica(id, ByteSize::mib(64), true, meta).await.unwrap();
+                // 100 GiB thin replicas on a 4 GiB pool: overcommitted, as thin pools are.
+                pool.create_replica(id, ByteSize::gib(100), true, meta).await.unwrap();
             }
         });
     }
@@ -251,9 +252,14 @@ async fn a_thousand_replicas_import_quickly() {
     }
     drop(pool);
 
+    let rss_before = rss_bytes();
     let started = Instant::now();
     let pool = Pool::import(&path).await.unwrap();
     let elapsed = started.elapsed();
+    let grown = rss_bytes().saturating_sub(rss_before);
+    println!("import grew RSS by {} KiB", grown >> 10);
+    // Dense maps would need 400 MB here; the sparse ones need a few MB.
+    assert!(grown < 96 * MIB, "1000 idle thin replicas cost {grown} bytes");
     println!("imported 1000 replicas in {elapsed:?}");
     assert_eq!(pool.replicas().len(), 1000);
     let bound = if cfg!(debug_assertions) { 3.0 } else { 1.0 };
@@ -332,4 +338,10 @@ async fn reads_during_copy_on_write_see_old_or_new_data() {
     let info = pool.replica_info(id).unwrap();
     assert_eq!(info.allocated, ByteSize::mib(2));
     pool.close().await.unwrap();
+}
+
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+    pages * 4096
 }

@@ -570,3 +570,14 @@ async fn the_engine_serves_while_control_is_down_and_registers_once_it_is_up() {
     stop_engine(e).await;
     control_stop.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_is_bounded_with_clients_still_connected() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = start_engine(&dir.path().join("state"), None).await;
+    // One client stuck in the handshake, one idle gRPC connection (the test's client).
+    let _stuck = tokio::net::TcpStream::connect(e.running.nbd_addr()).await.unwrap();
+    let started = std::time::Instant::now();
+    stop_engine(e).await;
+    assert!(started.elapsed() < Duration::from_secs(20), "took {:?}", started.elapsed());
+}

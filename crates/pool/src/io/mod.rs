@@ -162,7 +162,11 @@ impl Backend {
             #[cfg(test)]
             Self::Mem(m) => return m.zero(off, len),
         };
-        if zero_by_fallocate(&file, off, len)? {
+        // fallocate can wait on the file system's journal: keep it off the async workers.
+        let done = tokio::task::spawn_blocking(move || zero_by_fallocate(&file, off, len))
+            .await
+            .map_err(io::Error::other)??;
+        if done {
             return Ok(());
         }
         // Neither fallocate mode works here (e.g. an old kernel on a block device): write zeroes.

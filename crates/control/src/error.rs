@@ -5,7 +5,7 @@
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use trireme_api::{PROBLEM_JSON, Problem};
-use trireme_types::{ByteSize, NodeId, PoolId, VolumeId};
+use trireme_types::{ByteSize, Name, NodeId, PoolId, VolumeId};
 
 use crate::engine_client::EngineError;
 use crate::registry::RecordError;
@@ -37,7 +37,7 @@ pub enum ControlError {
     #[error("replication is not available yet: volumes have exactly one replica")]
     ReplicationUnavailable,
     #[error("volume {volume} is {current}; it can only grow, not shrink to {requested}")]
-    Shrink { volume: VolumeId, current: ByteSize, requested: ByteSize },
+    Shrink { volume: Name, current: ByteSize, requested: ByteSize },
     #[error(
         "volume {volume} can only be published on {replica_node}, the node holding its replica, \
          until remote children arrive; {requested} was asked for"
@@ -142,8 +142,12 @@ impl ControlError {
 impl IntoResponse for ControlError {
     fn into_response(self) -> Response {
         let problem = self.to_problem();
-        if problem.status >= 500 {
+        // Failures of control or of an engine deserve a warning; capacity and availability
+        // answers are ordinary outcomes of a request.
+        if matches!(problem.status, 500 | 502 | 504) {
             tracing::warn!(status = problem.status, "{}", problem.detail);
+        } else {
+            tracing::debug!(status = problem.status, "{}", problem.detail);
         }
         let body = serde_json::to_vec(&problem).unwrap_or_default();
         let mut resp = (self.status(), body).into_response();

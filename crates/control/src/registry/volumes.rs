@@ -274,11 +274,11 @@ impl Registry {
             let known = st.observed.get(&r.node).is_some_and(|o| o.replicas.contains_key(&r.id));
             // Until the next observation, count a new thick replica against its pool's free
             // space so that back-to-back creates do not overbook it.
-            if !record.thin
-                && !known
-                && let Some(o) = st.pools.get_mut(&r.pool).and_then(|p| p.observed.as_mut())
-            {
-                o.used_bytes = o.used_bytes.saturating_add(rep.size_bytes);
+            if !known && let Some(o) = st.pools.get_mut(&r.pool).and_then(|p| p.observed.as_mut()) {
+                if !record.thin {
+                    o.used_bytes = o.used_bytes.saturating_add(rep.size_bytes);
+                }
+                o.replica_count = o.replica_count.saturating_add(1);
             }
             st.touch(&r.node).replicas.insert(r.id, rep);
         }
@@ -325,8 +325,16 @@ impl Registry {
                 Err(e) if e.is_not_found() => {} // already gone
                 Err(e) => return Err(e.into()),
             }
-            if let Some(o) = self.state.write().touched(&r.node) {
-                o.replicas.remove(&r.id);
+            let mut st = self.state.write();
+            let gone = st.touched(&r.node).and_then(|o| o.replicas.remove(&r.id));
+            // Until the next observation, give the space back so the pool reads right.
+            if let Some(rep) = gone
+                && let Some(o) = st.pools.get_mut(&r.pool).and_then(|p| p.observed.as_mut())
+            {
+                if !rep.thin {
+                    o.used_bytes = o.used_bytes.saturating_sub(rep.size_bytes);
+                }
+                o.replica_count = o.replica_count.saturating_sub(1);
             }
         }
         self.remove_volume(record).await?;
@@ -368,7 +376,7 @@ impl Registry {
         }
         if size < record.size {
             return Err(ControlError::Shrink {
-                volume: vid,
+                volume: record.name,
                 current: record.size,
                 requested: size,
             });

@@ -1,12 +1,11 @@
 //! Bad input gets a clear error, nothing stored is lost, and the process keeps serving:
-//! malformed NBD traffic against a live engine, invalid REST requests, a volume larger than
-//! free space, missing or weak credentials, and corrupt pool superblocks.
+//! invalid REST requests, unknown ids, a volume larger than free space, missing or weak
+//! credentials, corrupt pool superblocks and journal, and a full pool. (Malformed NBD traffic
+//! is in `bad_nbd.rs`.)
 #![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use trireme_api::{CreateVolumeBody, PROBLEM_JSON, Problem};
 use trireme_tests::nbd::{self, NbdClient};
 use trireme_tests::tools::{random_file, run_ok, sha256_file};
@@ -15,184 +14,6 @@ use trireme_types::Name;
 
 const MIB: u64 = 1 << 20;
 const T: Duration = Duration::from_secs(120);
-
-// ------------------------------------------------------------------ NBD
-
-/// Reads until the server closes the connection; panics if it keeps it open for 20 s.
-async fn expect_closed(s: &mut TcpStream, what: &str) {
-    let mut buf = vec![0u8; 1 << 16];
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
-            Err(_) => panic!("{what}: the server kept the connection open (expected a disconnect)"),
-            Ok(Ok(0)) | Ok(Err(_)) => return,
-            Ok(Ok(_)) => {}
-        }
-    }
-}
-
-async fn greeted(addr: &str) -> TcpStream {
-    let mut s = nbd::connect_tcp(addr).await.unwrap();
-    nbd::greet(&mut s).await.unwrap();
-    s
-}
-
-async fn transmitting(addr: &str, export: &str) -> (TcpStream, nbd::ExportInfo) {
-    let mut s = greeted(addr).await;
-    let info = nbd::opt_go(&mut s, export).await.unwrap();
-    (s, info)
-}
-
-/// Sends a request and reads the simple reply's (error, payload when ok and `read_len`).
-async fn raw_request(
-    s: &mut TcpStream,
-    command: u16,
-    offset: u64,
-    length: u32,
-    payload: &[u8],
-    read_len: usize,
-) -> Option<(u32, Vec<u8>)> {
-    let handle = 0xfeed_0000_0000_0000 | u64::from(command);
-    s.write_all(&nbd::request_header(0, command, handle, offset, length)).await.ok()?;
-    s.write_all(payload).await.ok()?;
-    let (err, h) = tokio::time::timeout(Duration::from_secs(20), nbd::read_simple_reply(s))
-        .await
-        .expect("no reply within 20s")
-        .ok()?;
-    assert_eq!(h, handle, "reply for the wrong handle");
-    let mut data = vec![0u8; if err == 0 { read_len } else { 0 }];
-    s.read_exact(&mut data).await.ok()?;
-    Some((err, data))
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn malformed_nbd_traffic_gets_errors_and_the_engine_keeps_serving() {
-    let c = Cluster::start(1, ByteSize::mib(256)).await;
-    let tmp = tempfile::tempdir().unwrap();
-    let (vol, uri) = c.create_published("nbd-bad", ByteSize::mib(64)).await;
-    let src = tmp.path().join("src.bin");
-    random_file(&src, (64 * MIB) as usize);
-    run_ok("nbdcopy", &[src.to_str().unwrap(), &uri], T).await;
-    let first_block = std::fs::read(&src).unwrap()[..4096].to_vec();
-    let (addr, export) = nbd::parse_uri(&uri).unwrap();
-    assert_eq!(export, vol.id.to_string());
-    let engine = c.target_engine("nbd-bad").await;
-    let pid = c.engine_pid(engine).unwrap();
-
-    // Garbage instead of the client flags.
-    let mut s = nbd::connect_tcp(&addr).await.unwrap();
-    let mut greeting = [0u8; 18];
-    s.read_exact(&mut greeting).await.unwrap();
-    s.write_all(&[0xde; 300]).await.ok();
-    expect_closed(&mut s, "garbage client flags").await;
-
-    // An option with a bad magic.
-    let mut s = greeted(&addr).await;
-    let mut bad = 0x1122_3344_5566_7788u64.to_be_bytes().to_vec();
-    bad.extend_from_slice(&nbd::OPT_GO.to_be_bytes());
-    bad.extend_from_slice(&0u32.to_be_bytes());
-    s.write_all(&bad).await.ok();
-    expect_closed(&mut s, "bad option magic").await;
-
-    // An unknown option: NBD_REP_ERR_UNSUP, and negotiation goes on.
-    let mut s = greeted(&addr).await;
-    nbd::send_option(&mut s, 0x7777, b"xyz").await.unwrap();
-    let (opt, kind, _) = nbd::read_option_reply(&mut s).await.unwrap();
-    assert_eq!(
-        (opt, kind),
-        (0x7777, nbd::REP_ERR_UNSUP),
-        "unknown option must get NBD_REP_ERR_UNSUP"
-    );
-    let info = nbd::opt_go(&mut s, &export).await.expect("OPT_GO after an unknown option");
-    assert_eq!(info.size, 64 * MIB);
-
-    // An unknown export name: an error reply, not a crash and not a hang.
-    let mut s = greeted(&addr).await;
-    match nbd::opt_go(&mut s, "no-such-export").await {
-        Err(nbd::NbdError::OptionRefused { reply, .. }) => assert_eq!(reply, nbd::REP_ERR_UNKNOWN),
-        other => panic!("OPT_GO of an unknown export answered {other:?}"),
-    }
-
-    // OPT_GO whose name length runs past the option's data.
-    let mut s = greeted(&addr).await;
-    let mut data = 1000u32.to_be_bytes().to_vec();
-    data.extend_from_slice(b"abc");
-    nbd::send_option(&mut s, nbd::OPT_GO, &data).await.unwrap();
-    // A disconnect (Err) is also a valid answer to a malformed option.
-    if let Ok((_, kind, _)) = nbd::read_option_reply(&mut s).await {
-        assert!(kind & nbd::REP_FLAG_ERROR != 0, "inconsistent OPT_GO accepted: {kind:#x}");
-    }
-
-    // A request with a bad magic in the transmission phase.
-    let (mut s, _) = transmitting(&addr, &export).await;
-    let mut h = nbd::request_header(0, nbd::CMD_READ, 1, 0, 4096);
-    h[0] ^= 0xff;
-    s.write_all(&h).await.ok();
-    expect_closed(&mut s, "bad request magic").await;
-
-    // A truncated request header, then EOF.
-    let (mut s, _) = transmitting(&addr, &export).await;
-    let h = nbd::request_header(0, nbd::CMD_READ, 1, 0, 4096);
-    s.write_all(&h[..10]).await.ok();
-    s.shutdown().await.ok();
-    expect_closed(&mut s, "truncated header").await;
-
-    // Out of range and oversized requests: error replies, and the connection still works.
-    let (mut s, info) = transmitting(&addr, &export).await;
-    let size = info.size;
-    let (err, _) =
-        raw_request(&mut s, nbd::CMD_READ, size, 4096, &[], 4096).await.expect("read past the end");
-    assert_ne!(err, 0, "a READ past the end succeeded");
-    let (err, _) = raw_request(&mut s, nbd::CMD_READ, u64::MAX - 4095, 4096, &[], 4096)
-        .await
-        .expect("overflowing read");
-    assert_ne!(err, 0, "a READ whose end overflows u64 succeeded");
-    let (err, _) = raw_request(&mut s, nbd::CMD_WRITE, size - 2048, 4096, &[0xab; 4096], 0)
-        .await
-        .expect("write past the end");
-    assert_ne!(err, 0, "a WRITE past the end succeeded");
-    let (err, data) =
-        raw_request(&mut s, nbd::CMD_READ, 0, 4096, &[], 4096).await.expect("read after errors");
-    assert_eq!(err, 0);
-    assert_eq!(data, first_block, "the connection is confused after error replies");
-    // An unknown command: an error reply or a clean disconnect, never success.
-    if let Some((err, _)) = raw_request(&mut s, 0x55, 0, 0, &[], 0).await {
-        assert_ne!(err, 0, "an unknown command succeeded");
-        let (err, data) = raw_request(&mut s, nbd::CMD_READ, 0, 4096, &[], 4096)
-            .await
-            .expect("read after unknown");
-        assert_eq!((err, data), (0, first_block.clone()));
-    }
-
-    // A READ over the 32 MiB request limit: an error reply or a clean disconnect.
-    let (mut s, _) = transmitting(&addr, &export).await;
-    if let Some((err, _)) = raw_request(&mut s, nbd::CMD_READ, 0, 33 << 20, &[], 33 << 20).await {
-        assert_ne!(err, 0, "a 33 MiB READ succeeded over the limit");
-    }
-    // A WRITE header announcing 64 MiB of payload that never comes.
-    let (mut s, _) = transmitting(&addr, &export).await;
-    s.write_all(&nbd::request_header(0, nbd::CMD_WRITE, 9, 0, 64 << 20)).await.ok();
-    s.write_all(&[0u8; 1000]).await.ok();
-    drop(s);
-
-    // The engine survived all of it, still serves, and the data is intact.
-    assert_eq!(
-        c.engine_pid(engine),
-        Some(pid),
-        "the engine restarted (crashed?) during malformed input"
-    );
-    let out = run_ok("nbdinfo", &["--size", &uri], T).await;
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), (64 * MIB).to_string());
-    let back = tmp.path().join("back.bin");
-    run_ok("nbdcopy", &[&uri, back.to_str().unwrap()], T).await;
-    assert_eq!(
-        sha256_file(&src, None),
-        sha256_file(&back, None),
-        "malformed input changed stored data"
-    );
-    let client = NbdClient::connect(&uri).await.unwrap();
-    assert_eq!(client.read(0, 4096).await.unwrap(), first_block);
-}
 
 // ------------------------------------------------------------------ REST
 
@@ -473,4 +294,74 @@ async fn corrupt_superblocks_fault_the_pool_and_the_rest_keeps_serving() {
     assert_eq!(other.status.state, trireme_api::PoolState::Online);
     let (_, uri2) = c.create_published("after", ByteSize::mib(8)).await;
     run_ok("nbdinfo", &["--size", &uri2], T).await;
+}
+
+// ------------------------------------------------------------------ disk full
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_pool_answers_enospc_loses_nothing_and_recovers() {
+    let c = Cluster::start(1, ByteSize::mib(256)).await;
+    let tmp = tempfile::tempdir().unwrap();
+    // Two thin volumes that together promise more than the pool holds.
+    let a_size = 200 * MIB;
+    c.create_volume_with("full-a", ByteSize::b(a_size), true).await;
+    c.create_volume_with("full-b", ByteSize::b(a_size), true).await;
+    let uri_a = c.publish("full-a").await;
+    let uri_b = c.publish("full-b").await;
+    let src = tmp.path().join("a.bin");
+    random_file(&src, a_size as usize);
+    run_ok("nbdcopy", &[src.to_str().unwrap(), &uri_a], T).await;
+    let pid = c.engine_pid(1).unwrap();
+
+    // Fill B one fresh cluster at a time until the pool is full: ENOSPC, not a hang or a crash.
+    let b = NbdClient::connect(&uri_b).await.unwrap();
+    let mut written = Vec::new();
+    let mut full_at = None;
+    for k in 0..(a_size / MIB) {
+        let off = k * MIB;
+        match b.write(off, &vec![k as u8 | 1; 4096], false).await {
+            Ok(()) => written.push(off),
+            Err(nbd::NbdError::Errno { errno, .. }) => {
+                assert_eq!(errno, 28, "a full pool must answer ENOSPC (28), got errno {errno}");
+                full_at = Some(off);
+                break;
+            }
+            Err(e) => panic!("writing to a full pool: {e}"),
+        }
+    }
+    let full_at =
+        full_at.expect("200 MiB of thin writes fitted in a 256 MiB pool already holding 200 MiB");
+    assert!(!written.is_empty(), "B could not allocate anything: {written:?}");
+    // The connection and the already written blocks are fine; so is the other volume.
+    b.flush().await.unwrap();
+    for off in &written {
+        let want = vec![(*off / MIB) as u8 | 1; 4096];
+        assert_eq!(b.read(*off, 4096).await.unwrap(), want, "block at {off} of B after ENOSPC");
+    }
+    assert_eq!(
+        b.read(full_at, 4096).await.unwrap(),
+        vec![0u8; 4096],
+        "a failed write left data behind"
+    );
+    assert_eq!(c.engine_pid(1), Some(pid), "the engine restarted on a full pool");
+    let back = tmp.path().join("a-back.bin");
+    run_ok("nbdcopy", &[&uri_a, back.to_str().unwrap()], T).await;
+    assert_eq!(
+        sha256_file(&src, None),
+        sha256_file(&back, None),
+        "volume A changed when the pool filled up"
+    );
+
+    // Freeing space (deleting A) lets B's writes succeed again.
+    c.client().unpublish_volume("full-a").await.unwrap();
+    c.client().delete_volume("full-a").await.unwrap();
+    let want = vec![0x77u8; 4096];
+    trireme_tests::tools::wait_for(
+        "B's writes to succeed after space was freed",
+        Duration::from_secs(60),
+        || async { b.write(full_at, &want, false).await.map_err(|e| e.to_string()) },
+    )
+    .await;
+    b.flush().await.unwrap();
+    assert_eq!(b.read(full_at, 4096).await.unwrap(), want);
 }

@@ -1,0 +1,298 @@
+//! Malformed NBD traffic against a live engine: clear error replies or clean disconnects
+//! where the protocol requires them, the engine keeps serving every other client, and no
+//! stored byte changes.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use trireme_tests::nbd::{self, NbdClient};
+use trireme_tests::tools::{random_file, run_ok, sha256_file};
+use trireme_tests::{ByteSize, Cluster};
+
+const MIB: u64 = 1 << 20;
+const T: Duration = Duration::from_secs(120);
+
+// ------------------------------------------------------------------ NBD
+
+/// Reads until the server closes the connection; panics if it keeps it open for 20 s.
+async fn expect_closed(s: &mut TcpStream, what: &str) {
+    let mut buf = vec![0u8; 1 << 16];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Err(_) => panic!("{what}: the server kept the connection open (expected a disconnect)"),
+            Ok(Ok(0)) | Ok(Err(_)) => return,
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+async fn greeted(addr: &str) -> TcpStream {
+    let mut s = nbd::connect_tcp(addr).await.unwrap();
+    nbd::greet(&mut s).await.unwrap();
+    s
+}
+
+async fn transmitting(addr: &str, export: &str) -> (TcpStream, nbd::ExportInfo) {
+    let mut s = greeted(addr).await;
+    let info = nbd::opt_go(&mut s, export).await.unwrap();
+    (s, info)
+}
+
+/// Sends a request and reads the simple reply's (error, payload when ok and `read_len`).
+async fn raw_request(
+    s: &mut TcpStream,
+    command: u16,
+    offset: u64,
+    length: u32,
+    payload: &[u8],
+    read_len: usize,
+) -> Option<(u32, Vec<u8>)> {
+    let handle = 0xfeed_0000_0000_0000 | u64::from(command);
+    s.write_all(&nbd::request_header(0, command, handle, offset, length)).await.ok()?;
+    s.write_all(payload).await.ok()?;
+    let (err, h) = tokio::time::timeout(Duration::from_secs(20), nbd::read_simple_reply(s))
+        .await
+        .expect("no reply within 20s")
+        .ok()?;
+    assert_eq!(h, handle, "reply for the wrong handle");
+    let mut data = vec![0u8; if err == 0 { read_len } else { 0 }];
+    s.read_exact(&mut data).await.ok()?;
+    Some((err, data))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_nbd_traffic_gets_errors_and_the_engine_keeps_serving() {
+    let c = Cluster::start(1, ByteSize::mib(256)).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let (vol, uri) = c.create_published("nbd-bad", ByteSize::mib(64)).await;
+    let src = tmp.path().join("src.bin");
+    random_file(&src, (64 * MIB) as usize);
+    run_ok("nbdcopy", &[src.to_str().unwrap(), &uri], T).await;
+    let first_block = std::fs::read(&src).unwrap()[..4096].to_vec();
+    let (addr, export) = nbd::parse_uri(&uri).unwrap();
+    assert_eq!(export, vol.id.to_string());
+    let engine = c.target_engine("nbd-bad").await;
+    let pid = c.engine_pid(engine).unwrap();
+
+    // Garbage instead of the client flags.
+    let mut s = nbd::connect_tcp(&addr).await.unwrap();
+    let mut greeting = [0u8; 18];
+    s.read_exact(&mut greeting).await.unwrap();
+    s.write_all(&[0xde; 300]).await.ok();
+    expect_closed(&mut s, "garbage client flags").await;
+
+    // An option with a bad magic.
+    let mut s = greeted(&addr).await;
+    let mut bad = 0x1122_3344_5566_7788u64.to_be_bytes().to_vec();
+    bad.extend_from_slice(&nbd::OPT_GO.to_be_bytes());
+    bad.extend_from_slice(&0u32.to_be_bytes());
+    s.write_all(&bad).await.ok();
+    expect_closed(&mut s, "bad option magic").await;
+
+    // An unknown option: NBD_REP_ERR_UNSUP, and negotiation goes on.
+    let mut s = greeted(&addr).await;
+    nbd::send_option(&mut s, 0x7777, b"xyz").await.unwrap();
+    let (opt, kind, _) = nbd::read_option_reply(&mut s).await.unwrap();
+    assert_eq!(
+        (opt, kind),
+        (0x7777, nbd::REP_ERR_UNSUP),
+        "unknown option must get NBD_REP_ERR_UNSUP"
+    );
+    let info = nbd::opt_go(&mut s, &export).await.expect("OPT_GO after an unknown option");
+    assert_eq!(info.size, 64 * MIB);
+
+    // An unknown export name: an error reply, not a crash and not a hang.
+    let mut s = greeted(&addr).await;
+    match nbd::opt_go(&mut s, "no-such-export").await {
+        Err(nbd::NbdError::OptionRefused { reply, .. }) => assert_eq!(reply, nbd::REP_ERR_UNKNOWN),
+        other => panic!("OPT_GO of an unknown export answered {other:?}"),
+    }
+
+    // OPT_GO whose name length runs past the option's data.
+    let mut s = greeted(&addr).await;
+    let mut data = 1000u32.to_be_bytes().to_vec();
+    data.extend_from_slice(b"abc");
+    nbd::send_option(&mut s, nbd::OPT_GO, &data).await.unwrap();
+    // A disconnect (Err) is also a valid answer to a malformed option.
+    if let Ok((_, kind, _)) = nbd::read_option_reply(&mut s).await {
+        assert!(kind & nbd::REP_FLAG_ERROR != 0, "inconsistent OPT_GO accepted: {kind:#x}");
+    }
+
+    // A request with a bad magic in the transmission phase.
+    let (mut s, _) = transmitting(&addr, &export).await;
+    let mut h = nbd::request_header(0, nbd::CMD_READ, 1, 0, 4096);
+    h[0] ^= 0xff;
+    s.write_all(&h).await.ok();
+    expect_closed(&mut s, "bad request magic").await;
+
+    // A truncated request header, then EOF.
+    let (mut s, _) = transmitting(&addr, &export).await;
+    let h = nbd::request_header(0, nbd::CMD_READ, 1, 0, 4096);
+    s.write_all(&h[..10]).await.ok();
+    s.shutdown().await.ok();
+    expect_closed(&mut s, "truncated header").await;
+
+    // Out of range and oversized requests: error replies, and the connection still works.
+    let (mut s, info) = transmitting(&addr, &export).await;
+    let size = info.size;
+    let (err, _) =
+        raw_request(&mut s, nbd::CMD_READ, size, 4096, &[], 4096).await.expect("read past the end");
+    assert_ne!(err, 0, "a READ past the end succeeded");
+    let (err, _) = raw_request(&mut s, nbd::CMD_READ, u64::MAX - 4095, 4096, &[], 4096)
+        .await
+        .expect("overflowing read");
+    assert_ne!(err, 0, "a READ whose end overflows u64 succeeded");
+    let (err, _) = raw_request(&mut s, nbd::CMD_WRITE, size - 2048, 4096, &[0xab; 4096], 0)
+        .await
+        .expect("write past the end");
+    assert_ne!(err, 0, "a WRITE past the end succeeded");
+    let (err, data) =
+        raw_request(&mut s, nbd::CMD_READ, 0, 4096, &[], 4096).await.expect("read after errors");
+    assert_eq!(err, 0);
+    assert_eq!(data, first_block, "the connection is confused after error replies");
+    // An unknown command: an error reply or a clean disconnect, never success.
+    if let Some((err, _)) = raw_request(&mut s, 0x55, 0, 0, &[], 0).await {
+        assert_ne!(err, 0, "an unknown command succeeded");
+        let (err, data) = raw_request(&mut s, nbd::CMD_READ, 0, 4096, &[], 4096)
+            .await
+            .expect("read after unknown");
+        assert_eq!((err, data), (0, first_block.clone()));
+    }
+
+    // A READ over the 32 MiB request limit: an error reply or a clean disconnect.
+    let (mut s, _) = transmitting(&addr, &export).await;
+    if let Some((err, _)) = raw_request(&mut s, nbd::CMD_READ, 0, 33 << 20, &[], 33 << 20).await {
+        assert_ne!(err, 0, "a 33 MiB READ succeeded over the limit");
+    }
+    // A WRITE header announcing 64 MiB of payload that never comes.
+    let (mut s, _) = transmitting(&addr, &export).await;
+    s.write_all(&nbd::request_header(0, nbd::CMD_WRITE, 9, 0, 64 << 20)).await.ok();
+    s.write_all(&[0u8; 1000]).await.ok();
+    drop(s);
+
+    // The engine survived all of it, still serves, and the data is intact.
+    assert_eq!(
+        c.engine_pid(engine),
+        Some(pid),
+        "the engine restarted (crashed?) during malformed input"
+    );
+    let out = run_ok("nbdinfo", &["--size", &uri], T).await;
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), (64 * MIB).to_string());
+    let back = tmp.path().join("back.bin");
+    run_ok("nbdcopy", &[&uri, back.to_str().unwrap()], T).await;
+    assert_eq!(
+        sha256_file(&src, None),
+        sha256_file(&back, None),
+        "malformed input changed stored data"
+    );
+    let client = NbdClient::connect(&uri).await.unwrap();
+    assert_eq!(client.read(0, 4096).await.unwrap(), first_block);
+}
+
+// ------------------------------------------------------------------ options and storms
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nbd_options_work_and_garbage_storms_do_not_disturb_other_clients() {
+    let c = Cluster::start(1, ByteSize::mib(256)).await;
+    let (vol, uri) = c.create_published("storm", ByteSize::mib(16)).await;
+    let (addr, export) = nbd::parse_uri(&uri).unwrap();
+    assert_eq!(export, vol.id.to_string());
+
+    // OPT_LIST names the export; OPT_INFO describes it without leaving negotiation.
+    let mut s = greeted(&addr).await;
+    nbd::send_option(&mut s, nbd::OPT_LIST, &[]).await.unwrap();
+    let mut names = Vec::new();
+    loop {
+        let (opt, kind, data) = nbd::read_option_reply(&mut s).await.unwrap();
+        assert_eq!(opt, nbd::OPT_LIST);
+        match kind {
+            nbd::REP_SERVER => {
+                let n = u32::from_be_bytes(data[..4].try_into().unwrap()) as usize;
+                names.push(String::from_utf8_lossy(&data[4..4 + n]).into_owned());
+            }
+            nbd::REP_ACK => break,
+            other => panic!("OPT_LIST answered reply type {other:#x}"),
+        }
+    }
+    assert!(names.contains(&export), "OPT_LIST did not name {export}: {names:?}");
+    let mut data = (export.len() as u32).to_be_bytes().to_vec();
+    data.extend_from_slice(export.as_bytes());
+    data.extend_from_slice(&0u16.to_be_bytes());
+    nbd::send_option(&mut s, nbd::OPT_INFO, &data).await.unwrap();
+    let mut size = None;
+    loop {
+        let (opt, kind, data) = nbd::read_option_reply(&mut s).await.unwrap();
+        assert_eq!(opt, nbd::OPT_INFO);
+        match kind {
+            nbd::REP_INFO if u16::from_be_bytes([data[0], data[1]]) == nbd::INFO_EXPORT => {
+                size = Some(u64::from_be_bytes(data[2..10].try_into().unwrap()));
+            }
+            nbd::REP_INFO => {}
+            nbd::REP_ACK => break,
+            other => panic!("OPT_INFO answered reply type {other:#x}"),
+        }
+    }
+    assert_eq!(size, Some(16 * MIB));
+    let info = nbd::opt_go(&mut s, &export).await.expect("OPT_GO after OPT_LIST and OPT_INFO");
+    assert_eq!(info.size, 16 * MIB);
+    // OPT_ABORT: an acknowledgement (optional) and a disconnect.
+    let mut s = greeted(&addr).await;
+    nbd::send_option(&mut s, nbd::OPT_ABORT, &[]).await.unwrap();
+    expect_closed(&mut s, "OPT_ABORT").await;
+
+    // A storm of garbage connections while a well-behaved client writes and reads back.
+    let client = NbdClient::connect(&uri).await.unwrap();
+    let storm = {
+        let addr = addr.clone();
+        let export = export.clone();
+        tokio::spawn(async move {
+            for round in 0..40u32 {
+                let mut tasks = Vec::new();
+                for k in 0..8u32 {
+                    let addr = addr.clone();
+                    let export = export.clone();
+                    tasks.push(tokio::spawn(async move {
+                        let Ok(mut s) = nbd::connect_tcp(&addr).await else { return };
+                        if (round + k) % 2 == 0 {
+                            s.write_all(&[(round * 8 + k) as u8; 777]).await.ok();
+                        } else if nbd::greet(&mut s).await.is_ok()
+                            && nbd::opt_go(&mut s, &export).await.is_ok()
+                        {
+                            let mut junk = nbd::request_header(
+                                0,
+                                (k % 9) as u16,
+                                1,
+                                u64::from(k) << 40,
+                                1 << 30,
+                            )
+                            .to_vec();
+                            junk.extend_from_slice(&[0x5a; 500]);
+                            s.write_all(&junk).await.ok();
+                        }
+                        drop(s);
+                    }));
+                }
+                for t in tasks {
+                    t.await.ok();
+                }
+            }
+        })
+    };
+    let mut k = 0u64;
+    while !storm.is_finished() || k < 64 {
+        let off = (k % 4096) * 4096;
+        let data = vec![(k % 251) as u8; 4096];
+        client
+            .write(off, &data, k.is_multiple_of(3))
+            .await
+            .expect("a well-behaved client failed during the storm");
+        assert_eq!(client.read(off, 4096).await.expect("read during the storm"), data);
+        k += 1;
+    }
+    storm.await.unwrap();
+    client.flush().await.unwrap();
+    run_ok("nbdinfo", &["--size", &uri], T).await;
+}

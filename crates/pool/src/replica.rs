@@ -353,14 +353,8 @@ impl Ctx<'_> {
                             Lookup::Shared(p) => Some(p),
                             _ => None,
                         };
-                        if let Some(b) = self.allocate(v, old, buf, boff, len, pos - base).await? {
-                            buf = b;
-                            break;
-                        }
-                        return Err(PoolError::io(
-                            "allocation lost its buffer",
-                            std::io::Error::other("bug"),
-                        ));
+                        buf = self.allocate(v, old, buf, boff, len, pos - base).await?;
+                        break;
                     }
                 }
             }
@@ -379,7 +373,7 @@ impl Ctx<'_> {
         boff: usize,
         len: usize,
         within: u64,
-    ) -> Result<Option<IoBuf>, PoolError> {
+    ) -> Result<IoBuf, PoolError> {
         let cs = self.inner.cluster_size();
         let sem = Arc::new(tokio::sync::Semaphore::new(0));
         let mut committed = false;
@@ -409,7 +403,7 @@ impl Ctx<'_> {
         sem.close();
         let ok = res.as_ref().is_ok_and(|_| m.replicas.contains_key(&self.id));
         if ok && m.log(Record::Map { id: self.id, v, p: new }).is_ok() {
-            return res.map(Some);
+            return res;
         }
         m.unreserve(new);
         res.and(Err(PoolError::Destroyed(self.id)))

@@ -217,7 +217,7 @@ async fn auth_roles_openapi_health_and_metrics() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pool_metrics_are_in_bytes() {
+async fn pool_status_events_and_metrics() {
     let dir = tempfile::tempdir().unwrap();
     let control = TestControl::start(dir.path()).await;
     let api = control.admin();
@@ -234,6 +234,26 @@ async fn pool_metrics_are_in_bytes() {
     );
     assert!(m.contains("trireme_pool_used_bytes{pool=\"pool-1\",node=\"node-1\"} 0"), "{m}");
     assert!(m.contains("trireme_nodes{state=\"online\"} 1"), "{m}");
+
+    // The engine reports the pool faulted: so does control, with the reason, and an event.
+    {
+        let mut st = n1.state.lock();
+        let p = st.pools.get_mut("pool-1").unwrap();
+        p.state = trireme_rpc::PoolState::Faulted as i32;
+        p.error = "bad superblock checksum".into();
+    }
+    let pool = common::eventually("pool faulted", 30, || async {
+        let p = api.pool("pool-1").await.ok()?;
+        (p.status.state == trireme_api::PoolState::Faulted).then_some(p)
+    })
+    .await;
+    assert_eq!(pool.status.error.as_deref(), Some("bad superblock checksum"));
+    let events = common::eventually("pool event", 30, || async {
+        let ev = api.events(None).await.ok()?;
+        ev.iter().any(|e| e.reason == "pool_faulted").then_some(ev)
+    })
+    .await;
+    assert!(events.iter().any(|e| e.message.contains("bad superblock checksum")), "{events:?}");
     n1.stop().await;
     control.stop().await;
 }

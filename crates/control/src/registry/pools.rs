@@ -10,6 +10,7 @@ use trireme_types::PoolId;
 use super::records::{self, PoolPhase, PoolRecord, RECORD_VERSION};
 use super::{Registry, view};
 use crate::ControlError;
+use crate::engine_client::EngineError;
 use crate::events::Kind;
 
 impl Registry {
@@ -128,7 +129,10 @@ impl Registry {
                 Ok(())
             }
             Err(e) => {
-                if let Some(p) = self.state.write().pools.get_mut(&record.id) {
+                // Only the engine's own verdict describes the pool; a timeout says nothing.
+                if matches!(e, EngineError::Status { .. })
+                    && let Some(p) = self.state.write().pools.get_mut(&record.id)
+                {
                     p.error = Some(e.to_string());
                 }
                 Err(e.into())

@@ -54,7 +54,13 @@ pub fn pool(st: &State, entry: &PoolEntry) -> Pool {
             error: (!p.error.is_empty()).then(|| p.error.clone()),
         },
         None => PoolStatus {
-            state: PoolState::Unknown,
+            // The engine refused to create or import it (and its node is up): faulted, with
+            // the engine's reason; otherwise simply not known yet.
+            state: if entry.error.is_some() && st.node_online(&r.node) {
+                PoolState::Faulted
+            } else {
+                PoolState::Unknown
+            },
             capacity: ByteSize::ZERO,
             used: ByteSize::ZERO,
             free: ByteSize::ZERO,

@@ -84,3 +84,69 @@ async fn new_volumes_read_zeroes_never_old_data() {
     let dirty = nonzero_blocks(&uri, 32 * MIB).await;
     assert_eq!(dirty, offsets.to_vec(), "unwritten regions of a thin volume are not zero");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resize_keeps_data_new_space_reads_zeroes_and_unpublish_stops_serving() {
+    let c = Cluster::start(1, ByteSize::mib(256)).await;
+    let tmp = tempfile::tempdir().unwrap();
+    for thin in [false, true] {
+        let name = if thin { "grow-thin" } else { "grow-thick" };
+        let (_, uri) = c.create_published(name, ByteSize::mib(16)).await;
+        let src = tmp.path().join(format!("{name}.bin"));
+        trireme_tests::tools::random_file(&src, (16 * MIB) as usize);
+        run_ok("nbdcopy", &[src.to_str().unwrap(), &uri], T).await;
+
+        let v = c.client().resize_volume(name, ByteSize::mib(48)).await.unwrap();
+        assert_eq!(v.spec.size, ByteSize::mib(48));
+        // Clients see the new size once they reconnect (republish if the target kept the old one).
+        let uri = trireme_tests::tools::wait_for(
+            &format!("{name} to be served at 48 MiB"),
+            Duration::from_secs(60),
+            || {
+                let c = &c;
+                let uri = uri.clone();
+                async move {
+                    let client = NbdClient::connect(&uri).await.map_err(|e| e.to_string())?;
+                    if client.size() == 48 * MIB {
+                        Ok(uri)
+                    } else {
+                        c.client().unpublish_volume(name).await.map_err(|e| e.to_string())?;
+                        let uri = c.publish(name).await;
+                        Err(format!("served size {}; republished as {uri}", client.size()))
+                    }
+                }
+            },
+        )
+        .await;
+        let client = NbdClient::connect(&uri).await.unwrap();
+        let head = client.read(0, (16 * MIB) as u32).await.unwrap();
+        assert_eq!(
+            trireme_tests::tools::sha256_bytes(&head),
+            trireme_tests::tools::sha256_file(&src, None),
+            "{name}: resize changed the data"
+        );
+        drop(client);
+        let dirty = nonzero_blocks(&uri, 48 * MIB).await;
+        assert!(
+            dirty.iter().all(|&o| o < 16 * MIB),
+            "{name}: the grown space is not zero: {dirty:?}"
+        );
+
+        // Unpublished: the export is gone for new clients.
+        c.client().unpublish_volume(name).await.unwrap();
+        let v = c.client().volume(name).await.unwrap();
+        assert!(v.status.target.is_none() && v.spec.publish.is_none(), "{v:?}");
+        trireme_tests::tools::wait_for(
+            &format!("{name}'s export to disappear"),
+            Duration::from_secs(30),
+            || async {
+                match NbdClient::connect(&uri).await {
+                    Err(trireme_tests::nbd::NbdError::OptionRefused { .. }) => Ok(()),
+                    Err(e) => Err(format!("unexpected error {e}")),
+                    Ok(_) => Err("still served".into()),
+                }
+            },
+        )
+        .await;
+    }
+}

@@ -27,6 +27,7 @@ pub async fn run_controller(
     tracing::info!(endpoint = %socket.display(), api = client.base_url(), "CSI controller plugin serving");
     let identity = IdentityService::new(Readiness::Control(client.clone()));
     let result = Server::builder()
+        .trace_fn(|req| tracing::info_span!("csi", rpc = %req.uri().path()))
         .add_service(IdentityServer::new(identity))
         .add_service(ControllerServer::new(ControllerService::new(client)))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown.cancelled_owned())
@@ -46,6 +47,7 @@ pub async fn run_node(args: NodeArgs, shutdown: CancellationToken) -> anyhow::Re
     tracing::info!(endpoint = %socket.display(), node = %args.node_id, state_dir = %args.state_dir.display(), "CSI node plugin serving");
     let identity = IdentityService::new(Readiness::NodeTools);
     let result = Server::builder()
+        .trace_fn(|req| tracing::info_span!("csi", rpc = %req.uri().path()))
         .add_service(IdentityServer::new(identity))
         .add_service(NodeServer::new(node))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown.cancelled_owned())

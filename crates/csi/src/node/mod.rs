@@ -141,11 +141,16 @@ impl NodeService {
             }
         }
         let uri = self.uri_for(&req.volume_id, &req.publish_context).await?;
-        let mut record = StageRecord {
-            uri: uri.clone(),
-            attachment: previous.as_ref().and_then(|p| p.attachment.clone()),
-            ..wanted
-        };
+        let mut attachment = previous.as_ref().and_then(|p| p.attachment.clone());
+        if let Some(prev) = previous.as_ref().filter(|p| !p.staged && p.uri != uri) {
+            // An interrupted attempt attached the volume's previous target (it was published
+            // elsewhere since): that connection leads nowhere now, so start from scratch.
+            tracing::info!(volume = %req.volume_id, old = %prev.uri, new = %uri, "target moved; reattaching");
+            mounts::unmount_all(&prev.staging_path).await?;
+            attach::detach(&self.state, &req.volume_id, attachment.as_ref()).await?;
+            attachment = None;
+        }
+        let mut record = StageRecord { uri: uri.clone(), attachment, ..wanted };
         // Intent first: a crash from here on leaves a record that unstage can clean up from.
         self.state.save(&record)?;
         let (attachment, device) = attach::attach(
@@ -388,7 +393,11 @@ impl Node for NodeService {
         required(&req.staging_target_path, "staging_target_path")?;
         caps::require_on_node(req.volume_capability.as_ref())?;
         let _guard = self.lock(&req.volume_id)?;
-        self.stage(req).await?;
+        let volume = req.volume_id.clone();
+        self.stage(req)
+            .await
+            .inspect_err(|s| tracing::warn!(%volume, "NodeStageVolume failed: {}", s.message()))?;
+        tracing::info!(%volume, "staged");
         Ok(Response::new(NodeStageVolumeResponse {}))
     }
 
@@ -400,7 +409,10 @@ impl Node for NodeService {
         required(&req.volume_id, "volume_id")?;
         required(&req.staging_target_path, "staging_target_path")?;
         let _guard = self.lock(&req.volume_id)?;
-        self.unstage(&req.volume_id, Path::new(&req.staging_target_path)).await?;
+        self.unstage(&req.volume_id, Path::new(&req.staging_target_path))
+            .await
+            .inspect_err(|s| tracing::warn!(volume = %req.volume_id, "NodeUnstageVolume failed: {}", s.message()))?;
+        tracing::info!(volume = %req.volume_id, "unstaged");
         Ok(Response::new(NodeUnstageVolumeResponse {}))
     }
 
@@ -418,7 +430,10 @@ impl Node for NodeService {
             ));
         }
         let _guard = self.lock(&req.volume_id)?;
-        self.publish(req).await?;
+        let volume = req.volume_id.clone();
+        self.publish(req).await.inspect_err(
+            |s| tracing::warn!(%volume, "NodePublishVolume failed: {}", s.message()),
+        )?;
         Ok(Response::new(NodePublishVolumeResponse {}))
     }
 
@@ -430,7 +445,9 @@ impl Node for NodeService {
         required(&req.volume_id, "volume_id")?;
         required(&req.target_path, "target_path")?;
         let _guard = self.lock(&req.volume_id)?;
-        self.unpublish(Path::new(&req.target_path)).await?;
+        self.unpublish(Path::new(&req.target_path))
+            .await
+            .inspect_err(|s| tracing::warn!(volume = %req.volume_id, "NodeUnpublishVolume failed: {}", s.message()))?;
         Ok(Response::new(NodeUnpublishVolumeResponse {}))
     }
 

@@ -24,15 +24,20 @@ pub fn binary() -> Option<PathBuf> {
 
 /// A base port P with P, P+1 and P+10..P+20 free (up derives every port from P).
 fn free_base_port() -> u16 {
-    let seed = std::process::id() as u16;
-    for i in 0..2000u16 {
-        let p = 20000 + (seed.wrapping_mul(31).wrapping_add(i.wrapping_mul(97))) % 40000;
+    use std::sync::atomic::{AtomicU16, Ordering};
+    // Tests of one binary run in parallel in one process: each call takes its own slot, so
+    // two clusters never pick the same range before either has bound it.
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let seed = (std::process::id() as u16).wrapping_mul(31);
+    loop {
+        let slot = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(slot < 1000, "no free port range");
+        let p = 20000 + seed.wrapping_add(slot.wrapping_mul(40)) % 40000;
         let ports = [p, p + 1].into_iter().chain(p + 10..p + 20);
         if ports.into_iter().all(|q| std::net::TcpListener::bind(("127.0.0.1", q)).is_ok()) {
             return p;
         }
     }
-    panic!("no free port range");
 }
 
 impl Cluster {
@@ -60,11 +65,9 @@ impl Cluster {
             );
             if let Ok(token) = std::fs::read_to_string(&token_file) {
                 let client = Client::new(&api, Some(token.trim().to_owned())).unwrap();
-                if let Ok(pools) = client.pools().await {
-                    if pools.len() == 3 && pools.iter().all(|p| p.status.state == PoolState::Online)
-                    {
-                        break client;
-                    }
+                let pools = client.pools().await.unwrap_or_default();
+                if pools.len() == 3 && pools.iter().all(|p| p.status.state == PoolState::Online) {
+                    break client;
                 }
             }
             tokio::time::sleep(Duration::from_millis(100)).await;

@@ -194,6 +194,9 @@ impl Uring {
                 return (IoBuf::zeroed(0), Err(io::Error::from_raw_os_error(-res)));
             };
             buf = b;
+            if res == -libc::EAGAIN || res == -libc::EINTR {
+                continue;
+            }
             if res < 0 {
                 return (buf, Err(io::Error::from_raw_os_error(-res)));
             }

@@ -4,6 +4,7 @@
 mod basic;
 mod crash;
 mod files;
+mod golden;
 mod model;
 
 use std::path::PathBuf;

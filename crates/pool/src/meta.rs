@@ -34,6 +34,15 @@ pub(crate) fn clusters_for(size: u64, cluster_size: u64) -> u64 {
     size.div_ceil(cluster_size)
 }
 
+/// Map length for a stored size, refusing sizes no valid pool could have written.
+fn map_len(size: u64, cluster_size: u64) -> Result<u64, PoolError> {
+    let n = clusters_for(size, cluster_size);
+    if size == 0 || n >= u64::from(u32::MAX) {
+        return Err(PoolError::corrupt(format!("stored size {size} is out of range")));
+    }
+    Ok(n)
+}
+
 /// A run of `n` virtual clusters from `v` mapped to physical clusters from `p`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Extent {
@@ -293,7 +302,7 @@ impl Meta {
                 if self.replicas.contains_key(id) {
                     return Err(PoolError::corrupt(format!("replica {id} created twice")));
                 }
-                let mut map = ClusterMap::new(clusters_for(*size, cs));
+                let mut map = ClusterMap::new(map_len(*size, cs)?);
                 self.check_extents(extents, map.len())?;
                 let mapped = self.map_extents(&mut map, extents, !live)?;
                 self.replicas.insert(
@@ -352,7 +361,7 @@ impl Meta {
                     if *size < r.size {
                         return Err(PoolError::corrupt("resize shrinks a replica"));
                     }
-                    r.map.resize(clusters_for(*size, cs));
+                    r.map.resize(map_len(*size, cs)?);
                     self.check_extents(extents, r.map.len())?;
                     r.mapped += self.map_extents(&mut r.map, extents, !live)?;
                     r.size = *size;
@@ -499,7 +508,7 @@ impl Meta {
             let meta = decode_meta(&mut d)?;
             let parent = d.opt16()?.map(SnapshotId::from_bytes);
             let extents = decode_extents(&mut d)?;
-            let mut map = ClusterMap::new(clusters_for(size, cluster_size));
+            let mut map = ClusterMap::new(map_len(size, cluster_size)?);
             m.check_extents(&extents, map.len())?;
             let mapped = m.map_extents(&mut map, &extents, false)?;
             let io = Arc::new(ReplicaIo::new(size));
@@ -512,7 +521,7 @@ impl Meta {
             let size = d.u64()?;
             let created = d.u64()?;
             let extents = decode_extents(&mut d)?;
-            let mut map = ClusterMap::new(clusters_for(size, cluster_size));
+            let mut map = ClusterMap::new(map_len(size, cluster_size)?);
             m.check_extents(&extents, map.len())?;
             m.map_extents(&mut map, &extents, false)?;
             m.snapshots.insert(id, SnapshotState { source, size, created, map });

@@ -4,6 +4,7 @@
 mod basic;
 mod crash;
 mod files;
+mod fuzz;
 mod golden;
 mod model;
 

@@ -52,6 +52,10 @@ async fn negotiates_size_capabilities_and_block_sizes() {
     // Also through the Export trait, as the nexus sees it.
     let e: Arc<dyn Export> = Arc::new(c);
     assert_eq!(e.size(), SIZE);
+    e.write(8192, IoBuf::copy_from(&[9u8; 4096]), true).await.unwrap();
+    assert_eq!(&e.read(8192, 4096).await.unwrap()[..], &[9u8; 4096][..]);
+    assert!(matches!(e.read(SIZE, 512).await, Err(trireme_nbd::ExportError::Invalid(_))));
+    assert!(e.block_status(8192, 4096).await.unwrap()[0].length == 4096);
 
     let small = Client::connect(srv.addr.into(), "small", opts()).await.unwrap();
     assert!(small.capabilities().read_only);
@@ -307,6 +311,18 @@ async fn server_death_fails_every_pending_request_promptly() {
     tokio::time::timeout(TIMEOUT, c.closed()).await.unwrap();
     let err = c.flush().await.unwrap_err();
     assert!(matches!(err, ClientError::Disconnected { .. }), "{err}");
+    srv.stop().await;
+}
+
+/// The client's tasks die with it: the socket closes, so the server (here the proxy) sees EOF.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_client_closes_its_connection() {
+    let srv = start().await;
+    let proxy = Proxy::start(srv.addr).await;
+    let c = Client::connect(proxy.addr.into(), NAME, opts()).await.unwrap();
+    c.read(0, 4096).await.unwrap();
+    drop(c);
+    tokio::time::timeout(TIMEOUT, proxy.task).await.unwrap().unwrap();
     srv.stop().await;
 }
 

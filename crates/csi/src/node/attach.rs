@@ -110,6 +110,13 @@ pub(crate) async fn detach(
     }
     // The FUSE path: loop devices first (they hold the FUSE file open), then nbdfuse.
     let file = state.fuse_file(volume_id);
+    if let Some(Attachment::Fuse { loop_device: Some(dev) }) = attachment {
+        // A recorded loop device whose FUSE file was already unmounted under it shows its
+        // backing file relative to the gone mount ("/nbd"): still ours, detach it.
+        if loop_backing(dev).is_some_and(|b| b == Path::new("/nbd")) {
+            cmd::run("losetup", &["-d", path_str(dev)?], QUICK).await?;
+        }
+    }
     while let Some(dev) = loop_backed_by(&file)? {
         cmd::run("losetup", &["-d", path_str(&dev)?], QUICK).await?;
         wait_until(QUICK, || Ok(loop_backed_by(&file)?.as_ref() != Some(&dev))).await?;
@@ -177,7 +184,12 @@ async fn ensure_fuse(state: &StateDir, volume_id: &str, uri: &str) -> Result<(),
         if std::fs::metadata(&file).is_ok() {
             return Ok(()); // a previous attempt's nbdfuse is alive: reuse it
         }
-        // Its nbdfuse died (ENOTCONN): clear the dead mount and start over.
+        // Its nbdfuse died (ENOTCONN): release loop devices on the dead file, clear the dead
+        // mount and start over.
+        while let Some(dev) = loop_backed_by(&file)? {
+            cmd::run("losetup", &["-d", path_str(&dev)?], QUICK).await?;
+            wait_until(QUICK, || Ok(loop_backed_by(&file)?.as_ref() != Some(&dev))).await?;
+        }
         stop_fuse(state, volume_id).await?;
     }
     std::fs::create_dir_all(&dir).map_err(|e| NodeError::io(&dir, e))?;
@@ -243,8 +255,12 @@ async fn stop_fuse(state: &StateDir, volume_id: &str) -> Result<(), NodeError> {
     let pid = fuse_pid(state, volume_id);
     if is_fuse_mount(&dir)? {
         let d = path_str(&dir)?;
-        if cmd::run("fusermount3", &["-u", d], QUICK).await.is_err() {
-            // Busy or dead: detach it lazily; nothing of ours uses it any more.
+        if let Err(e) = cmd::run("fusermount3", &["-u", d], QUICK).await {
+            // A dead nbdfuse leaves a mount nothing can use: detach it lazily. A live, busy
+            // one is still someone's device; lazily detaching it would orphan that user.
+            if std::fs::metadata(state.fuse_file(volume_id)).is_ok() {
+                return Err(e);
+            }
             cmd::run("fusermount3", &["-u", "-z", d], QUICK).await?;
         }
     }
@@ -260,6 +276,13 @@ async fn stop_fuse(state: &StateDir, volume_id: &str) -> Result<(), NodeError> {
 }
 
 // ------------------------------------------------------------------ loop devices
+
+/// The backing file of a loop device, if it is attached.
+fn loop_backing(dev: &Path) -> Option<PathBuf> {
+    let name = dev.file_name()?.to_str()?;
+    let b = std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file")).ok()?;
+    Some(PathBuf::from(b.trim_end_matches('\n')))
+}
 
 /// The loop device whose backing file is `file`, found through sysfs.
 fn loop_backed_by(file: &Path) -> Result<Option<PathBuf>, NodeError> {

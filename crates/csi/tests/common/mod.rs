@@ -358,14 +358,20 @@ impl Drop for Env {
     fn drop(&mut self) {
         let root = self.dir.path().to_str().unwrap().to_owned();
         let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let mut points: Vec<String> = mounts
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4))
-            .filter(|p| p.starts_with(&root))
-            .map(str::to_owned)
-            .collect();
-        points.sort_by_key(|p| std::cmp::Reverse(p.len()));
-        for p in points {
+        // File systems and bind mounts first, then the loop devices, then the FUSE mounts
+        // they were backed by (unmounting FUSE first would orphan the loop devices).
+        let points = |fuse: bool| {
+            let mut v: Vec<String> = mounts
+                .lines()
+                .filter(|l| l.contains(" - fuse") == fuse)
+                .filter_map(|l| l.split(' ').nth(4))
+                .filter(|p| p.starts_with(&root))
+                .map(str::to_owned)
+                .collect();
+            v.sort_by_key(|p| std::cmp::Reverse(p.len()));
+            v
+        };
+        for p in points(false) {
             let _ = Command::new("umount").args(["-l", &p]).status();
         }
         for e in std::fs::read_dir("/sys/block").into_iter().flatten().flatten() {
@@ -374,6 +380,9 @@ impl Drop for Env {
                 let dev = format!("/dev/{}", e.file_name().to_string_lossy());
                 let _ = Command::new("losetup").args(["-d", &dev]).status();
             }
+        }
+        for p in points(true) {
+            let _ = Command::new("umount").args(["-l", &p]).status();
         }
         for pid in nbdfuse_processes(&root) {
             let _ = nix::sys::signal::kill(

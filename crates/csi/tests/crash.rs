@@ -136,3 +136,39 @@ async fn kill_during_unstage_then_retry_and_stage_again() {
     env.unstage(&id, &staging).await;
     env.assert_nothing_left();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nbdfuse_dying_is_reported_and_cleaned_up() {
+    let mut env = Env::start().await;
+    let cap = mount_cap("ext4");
+    let (id, ctx) = env.create_published("dies", 64 * MIB, cap.clone()).await;
+    let staging = env.path("staging/dies");
+    env.nd.node_stage_volume(env.stage_req(&id, &ctx, &staging, cap.clone())).await.unwrap();
+    let fuse = fuse_dir(&env, &id);
+    let pids = nbdfuse_processes(fuse.to_str().unwrap());
+    assert_eq!(pids.len(), 1);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pids[0]), nix::sys::signal::Signal::SIGKILL)
+        .unwrap();
+    tokio::task::block_in_place(|| {
+        wait("nbdfuse to die", || nbdfuse_processes(fuse.to_str().unwrap()).is_empty())
+    });
+    let stats = env
+        .nd
+        .node_get_volume_stats(trireme_csi::proto::NodeGetVolumeStatsRequest {
+            volume_id: id.clone(),
+            volume_path: staging.to_str().unwrap().into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let cond = stats.volume_condition.unwrap();
+    assert!(cond.abnormal, "a dead nbdfuse must be reported: {cond:?}");
+    env.unstage(&id, &staging).await;
+    env.assert_nothing_left();
+    assert!(loops_backed_by(&fuse.join("nbd")).is_empty());
+    // And the volume attaches again from scratch.
+    env.nd.node_stage_volume(env.stage_req(&id, &ctx, &staging, cap.clone())).await.unwrap();
+    env.unstage(&id, &staging).await;
+    env.assert_nothing_left();
+}

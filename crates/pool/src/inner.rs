@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::PoolError;
+use crate::fence::ReadFence;
 use crate::io::Backend;
 use crate::journal::Journal;
 use crate::layout::Superblock;
@@ -28,6 +29,8 @@ pub(crate) struct Inner {
     pub(crate) failed: AtomicBool,
     syncs_started: AtomicU64,
     syncs_done: AtomicU64,
+    /// Reads register here; released clusters are reused only after earlier reads end.
+    pub(crate) reads: ReadFence,
 }
 
 impl Inner {
@@ -50,6 +53,7 @@ impl Inner {
             failed: AtomicBool::new(false),
             syncs_started: AtomicU64::new(0),
             syncs_done: AtomicU64::new(0),
+            reads: ReadFence::default(),
         }
     }
 
@@ -89,7 +93,11 @@ impl Inner {
         }
         let n = self.syncs_started.fetch_add(1, Ordering::AcqRel) + 1;
         match j.commit(&self.dev, &self.sb.layout, &self.meta, checkpoint).await {
-            Ok(()) => {
+            Ok(released) => {
+                if !released.is_empty() {
+                    self.reads.wait_for_earlier_reads().await;
+                    self.meta().release(released);
+                }
                 self.syncs_done.store(n, Ordering::Release);
                 Ok(())
             }

@@ -233,14 +233,15 @@ pub(crate) async fn load(dev: &Backend, layout: &Layout) -> Result<(Meta, Journa
 
 impl Journal {
     /// Commits every pending record (group commit), writing a checkpoint instead when the
-    /// journal is full or `checkpoint` is set. Returns only once the records are durable.
+    /// journal is full or `checkpoint` is set. Returns once the records are durable, with the
+    /// clusters they released (the caller returns them to the free pool).
     pub(crate) async fn commit(
         &mut self,
         dev: &Backend,
         layout: &Layout,
         meta: &Mutex<Meta>,
         checkpoint: bool,
-    ) -> Result<(), PoolError> {
+    ) -> Result<Vec<u32>, PoolError> {
         let (payload, count, quarantine, state) = {
             let mut m = meta.lock().unwrap_or_else(|p| p.into_inner());
             let payload = std::mem::take(&mut m.pending.buf);
@@ -279,9 +280,6 @@ impl Journal {
             self.seq += 1;
             self.commits += 1;
         }
-        if !quarantine.is_empty() {
-            meta.lock().unwrap_or_else(|p| p.into_inner()).release(quarantine);
-        }
-        Ok(())
+        Ok(quarantine)
     }
 }

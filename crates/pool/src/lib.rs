@@ -24,6 +24,7 @@
 
 mod codec;
 mod error;
+mod fence;
 mod info;
 mod inner;
 mod io;

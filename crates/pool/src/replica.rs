@@ -251,6 +251,8 @@ impl Ctx<'_> {
 
     /// Reads the 4 KiB-aligned span starting at `a` into `buf` (whose length is the span).
     async fn read_span(&self, a: u64, mut buf: IoBuf) -> Result<IoBuf, PoolError> {
+        // Clusters looked up below are not reused by anyone else until this read is done.
+        let _fence = self.inner.reads.enter();
         let cs = self.inner.cluster_size();
         let end = a + buf.len() as u64;
         let mut pos = a;

@@ -163,6 +163,57 @@ async fn xfs_is_formatted_and_mounted() {
     std::fs::write(target.join("hello"), "xfs").unwrap();
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(mounts.lines().any(|l| l.contains(staging.to_str().unwrap()) && l.contains(" - xfs ")));
+    let size = |p: &std::path::Path| {
+        let s = nix::sys::statvfs::statvfs(p).unwrap();
+        s.blocks() * s.fragment_size()
+    };
+    let before = size(&target);
+    env.unpublish(&id, &target).await;
+    env.unstage(&id, &staging).await;
+    env.assert_nothing_left();
+
+    // Offline expansion, then xfs_growfs on the mounted file system.
+    env.ctl
+        .controller_unpublish_volume(ControllerUnpublishVolumeRequest {
+            volume_id: id.clone(),
+            node_id: env.node_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let range = Some(CapacityRange { required_bytes: 400 * MIB, limit_bytes: 0 });
+    env.ctl
+        .controller_expand_volume(ControllerExpandVolumeRequest {
+            volume_id: id.clone(),
+            capacity_range: range,
+            volume_capability: Some(cap.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let ctx = env.publish(&id, cap.clone()).await;
+    env.nd.node_stage_volume(env.stage_req(&id, &ctx, &staging, cap.clone())).await.unwrap();
+    env.nd
+        .node_publish_volume(env.publish_req(&id, &staging, &target, cap.clone(), false))
+        .await
+        .unwrap();
+    let expanded = env
+        .nd
+        .node_expand_volume(NodeExpandVolumeRequest {
+            volume_id: id.clone(),
+            volume_path: target.to_str().unwrap().into(),
+            capacity_range: range,
+            staging_target_path: staging.to_str().unwrap().into(),
+            volume_capability: Some(cap.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(expanded.capacity_bytes, 400 * MIB);
+    let after = size(&target);
+    assert!(after > before + 60 * MIB as u64, "xfs did not grow: {before} -> {after}");
+    assert_eq!(std::fs::read_to_string(target.join("hello")).unwrap(), "xfs");
     env.unpublish(&id, &target).await;
     env.unstage(&id, &staging).await;
     env.assert_nothing_left();

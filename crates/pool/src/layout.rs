@@ -51,14 +51,18 @@ fn align_up(v: u64, a: u64) -> u64 {
 }
 
 impl Layout {
-    /// Sizes the regions for a disk. A checkpoint slot holds the whole metadata state: a fixed
-    /// allowance for the replica table plus room for about four fully fragmented copies of a
-    /// map covering every cluster (12 bytes per extent). The journal holds a few thousand
-    /// commits before a checkpoint is needed.
+    /// Sizes the regions for a disk. A checkpoint slot holds the whole metadata state: an
+    /// allowance for the replica table (256 KiB to 2 MiB: thousands of replicas) plus room for
+    /// about four fully fragmented copies of a map covering every cluster (12 bytes per
+    /// extent). The journal (1 to 16 MiB) holds hundreds to thousands of commits before a
+    /// checkpoint is needed. Small disks get the small end, so a 64 MiB test pool keeps most
+    /// of its space for data.
     pub(crate) fn compute(disk_size: u64, cluster_size: u64) -> Result<Self, PoolError> {
         let est_clusters = disk_size / cluster_size;
-        let ckpt = align_up((2 << 20) + 48 * est_clusters, BLOCK);
-        let journal = align_up((16 << 20) + 16 * est_clusters, BLOCK);
+        let table = (disk_size / 128).clamp(256 << 10, 2 << 20);
+        let ring = (disk_size / 64).clamp(1 << 20, 16 << 20);
+        let ckpt = align_up(table + 48 * est_clusters, BLOCK);
+        let journal = align_up(ring + 16 * est_clusters, BLOCK);
         Self::with_sizes(disk_size, cluster_size, ckpt, journal)
     }
 
@@ -251,6 +255,9 @@ mod tests {
         assert_eq!(l.journal_offset % BLOCK, 0);
         assert!(l.end() <= 1 << 30);
         assert!(Layout::compute(1 << 20, 1 << 20).is_err());
+        // A small pool keeps most of its space for data.
+        let small = Layout::compute(64 << 20, 1 << 20).unwrap();
+        assert!(small.cluster_count >= 60, "{small:?}");
         assert!(Layout::compute(1 << 30, 3 << 20).is_err());
     }
 }

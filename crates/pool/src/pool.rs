@@ -222,11 +222,16 @@ impl Pool {
                     return Err(PoolError::AlreadyExists { what: format!("replica {id}") });
                 }
                 Some(r) => Plan::Exists(replica_info(id, r, cs)),
-                None if thin => Plan::Go(Vec::new()),
-                None => Plan::Go(m.reserve_many(clusters).ok_or_else(|| PoolError::NoSpace {
-                    needed: ByteSize::b(clusters * cs),
-                    free: ByteSize::b(m.free_clusters() * cs),
-                })?),
+                None if thin => {
+                    self.check_room(&m, 0)?;
+                    Plan::Go(Vec::new())
+                }
+                None => {
+                    self.check_room(&m, 0)?;
+                    let free = ByteSize::b(m.free_clusters() * cs);
+                    let needed = ByteSize::b(clusters * cs);
+                    Plan::Go(m.reserve_many(clusters).ok_or(PoolError::NoSpace { needed, free })?)
+                }
             }
         };
         let extents = match plan {

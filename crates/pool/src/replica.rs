@@ -16,6 +16,9 @@
 //! running I/O (snapshot, trim, write-zeroes, destroy) take the replica's gate exclusively,
 //! which drains that replica's I/O; reads and writes hold it shared.
 //!
+//! Reads register with the pool's read fence (see [`crate::fence`]) so that a cluster they
+//! looked up cannot be freed, reused and overwritten by another replica under them.
+//!
 //! Writes run in a spawned task that owns its buffers and gate guards, so a caller dropping
 //! the future (an NBD client going away) cannot let a half-done write land in a cluster that
 //! has meanwhile been freed and given to someone else.

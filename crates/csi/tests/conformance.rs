@@ -675,6 +675,14 @@ async fn node_rpcs_and_their_errors() {
     );
 
     // Unpublish and unstage: errors, success, repeats, unknowns.
+    // Unstage while still published: refused, nothing torn down under the user.
+    let r = NodeUnstageVolumeRequest {
+        volume_id: id.clone(),
+        staging_target_path: staging.to_str().unwrap().into(),
+    };
+    assert_eq!(code(env.nd.node_unstage_volume(r).await), Code::FailedPrecondition);
+    assert!(is_mounted(&staging) && is_mounted(&target));
+
     let unpub = |id: &str, path: &str| NodeUnpublishVolumeRequest {
         volume_id: id.into(),
         target_path: path.into(),

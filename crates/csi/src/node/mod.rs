@@ -254,6 +254,20 @@ impl NodeService {
 
     async fn unstage(&self, volume_id: &str, staging: &Path) -> Result<(), Status> {
         let record = self.state.load(volume_id)?;
+        let device = match record.as_ref().and_then(|r| r.attachment.as_ref()) {
+            Some(state::Attachment::Fuse { loop_device: Some(d) }) => Some(d.clone()),
+            Some(state::Attachment::Kernel { device }) => Some(device.clone()),
+            _ => None,
+        };
+        if let Some(device) = device.filter(|d| d.exists()) {
+            let users = mounts::users_of(&device, staging)?;
+            if !users.is_empty() {
+                return Err(Status::failed_precondition(format!(
+                    "volume {volume_id} is still published at {}; unpublish it first",
+                    users.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+                )));
+            }
+        }
         mounts::unmount_all(staging).await?;
         if let Some(r) = record.as_ref().filter(|r| r.staging_path != staging) {
             mounts::unmount_all(&r.staging_path).await?;

@@ -8,6 +8,9 @@ use super::error::NodeError;
 /// One line of mountinfo.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct MountEntry {
+    /// The path inside the mounted file system that is mounted (`/loop0` for a bind mount of
+    /// a device node out of devtmpfs).
+    pub root: String,
     pub mount_point: PathBuf,
     pub options: Vec<String>,
     pub fs_type: String,
@@ -47,6 +50,7 @@ pub(crate) fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
             let l: Vec<&str> = left.split(' ').collect();
             let r: Vec<&str> = right.split(' ').collect();
             Some(MountEntry {
+                root: unescape(l.get(3)?),
                 mount_point: PathBuf::from(unescape(l.get(4)?)),
                 options: l.get(5)?.split(',').map(str::to_owned).collect(),
                 fs_type: (*r.first()?).to_owned(),
@@ -60,6 +64,19 @@ pub(crate) fn mounts() -> Result<Vec<MountEntry>, NodeError> {
     let text = std::fs::read_to_string("/proc/self/mountinfo")
         .map_err(|e| NodeError::io("/proc/self/mountinfo", e))?;
     Ok(parse_mountinfo(&text))
+}
+
+/// Where `device` is in use apart from `except`: file systems on it (and bind mounts of
+/// them), and bind mounts of its device node.
+pub(crate) fn users_of(device: &Path, except: &Path) -> Result<Vec<PathBuf>, NodeError> {
+    let dev = device.to_string_lossy();
+    let node = device.file_name().map(|n| format!("/{}", n.to_string_lossy()));
+    Ok(mounts()?
+        .into_iter()
+        .filter(|m| m.mount_point != except)
+        .filter(|m| m.source == dev || (m.fs_type == "devtmpfs" && Some(&m.root) == node.as_ref()))
+        .map(|m| m.mount_point)
+        .collect())
 }
 
 /// The topmost mount at exactly `path`, if any.
@@ -122,5 +139,6 @@ mod tests {
         assert_eq!((m[0].fs_type.as_str(), m[0].source.as_str()), ("ext4", "/dev/loop0"));
         assert!(!m[0].read_only());
         assert_eq!(m[1].fs_type, "fuse");
+        assert_eq!(m[0].root, "/");
     }
 }

@@ -39,8 +39,6 @@ pub struct Reconciler {
     failures: HashMap<String, String>,
     pool_states: HashMap<trireme_types::PoolId, trireme_api::PoolState>,
     volume_states: HashMap<VolumeId, trireme_types::VolumeState>,
-    /// When each pool was last asked to create/import, to pace retries of faulted pools.
-    pool_retries: HashMap<trireme_types::PoolId, std::time::Instant>,
 }
 
 /// Runs passes until cancelled.

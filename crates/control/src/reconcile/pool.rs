@@ -1,16 +1,13 @@
-//! Pools: create or import every active pool its engine does not report; retry faulted ones
-//! now and then (their disk may be back); finish deletes.
-
-use std::time::{Duration, Instant};
+//! Pools: create or import every active pool its engine does not report; finish deletes.
+//!
+//! A pool the engine reports `faulted` is left alone: the engine retries the import itself
+//! when it restarts, and asking it to create the pool again could format over a disk whose
+//! superblocks are merely damaged.
 
 use super::Reconciler;
 use crate::events::Kind;
 use crate::registry::Registry;
 use crate::registry::records::PoolPhase;
-use crate::registry::view;
-
-/// How often a faulted pool's import is retried.
-const FAULTED_RETRY: Duration = Duration::from_secs(30);
 
 impl Reconciler {
     pub(super) async fn pools(&mut self, reg: &Registry) {
@@ -22,23 +19,13 @@ impl Reconciler {
                 .filter(|p| {
                     // Observed nodes only: acting on a node we could not list would be a guess.
                     let Some(listed) = st.observed.get(&p.record.node) else { return false };
-                    match listed.pools.get(p.record.id.as_str()) {
-                        _ if p.record.phase == PoolPhase::Deleting => true,
-                        None => true,
-                        Some(o) => {
-                            view::pool_state(o) == trireme_api::PoolState::Faulted
-                                && self
-                                    .pool_retries
-                                    .get(&p.record.id)
-                                    .is_none_or(|t| t.elapsed() >= FAULTED_RETRY)
-                        }
-                    }
+                    p.record.phase == PoolPhase::Deleting
+                        || !listed.pools.contains_key(p.record.id.as_str())
                 })
                 .map(|p| p.record.clone())
                 .collect()
         };
         for record in todo {
-            self.pool_retries.insert(record.id.clone(), Instant::now());
             let subject = format!("pool {}", record.id);
             let result = match record.phase {
                 PoolPhase::Active => reg.apply_pool(&record).await,

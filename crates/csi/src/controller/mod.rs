@@ -105,7 +105,7 @@ impl Controller for ControllerService {
         }
         let p = Params::parse(&req.parameters)?;
         let size = size_for(req.capacity_range.as_ref()).map_err(Status::out_of_range)?;
-        let name = trireme_name(&req.name);
+        let name = trireme_name(&req.name)?;
         if !p.pool_selector.is_empty() {
             let pools = self.client.pools().await.map_err(|e| api_status("list pools", &e))?;
             if let Some(missing) = p

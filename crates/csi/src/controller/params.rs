@@ -142,14 +142,13 @@ impl Params {
 
 /// The Trireme name for a CSI volume name. Kubernetes names (`pvc-<uuid>`) are valid Trireme
 /// names and are kept; anything else maps to a stable digest so retries find the same volume.
-pub(crate) fn trireme_name(csi_name: &str) -> Name {
+pub(crate) fn trireme_name(csi_name: &str) -> Result<Name, Status> {
     if let Ok(name) = Name::new(csi_name) {
-        return name;
+        return Ok(name);
     }
     let digest = Sha256::digest(csi_name.as_bytes());
-    let name = format!("csi-{}", hex::encode(&digest[..16]));
-    // Lowercase hex behind a letter prefix is always a valid name.
-    Name::new(name).unwrap_or_else(|_| unreachable!("csi-<hex> is a valid name"))
+    Name::new(format!("csi-{}", hex::encode(&digest[..16])))
+        .map_err(|e| Status::invalid_argument(format!("volume name {csi_name:?}: {e}")))
 }
 
 /// The CSI view of a Trireme volume. The context is rebuilt from what control stores.
@@ -250,10 +249,10 @@ mod tests {
 
     #[test]
     fn names() {
-        assert_eq!(trireme_name("pvc-1234").as_str(), "pvc-1234");
-        let odd = trireme_name("Weird Name/1");
+        assert_eq!(trireme_name("pvc-1234").unwrap().as_str(), "pvc-1234");
+        let odd = trireme_name("Weird Name/1").unwrap();
         assert!(odd.as_str().starts_with("csi-"));
-        assert_eq!(odd, trireme_name("Weird Name/1"));
-        assert_ne!(odd, trireme_name("Weird Name/2"));
+        assert_eq!(odd, trireme_name("Weird Name/1").unwrap());
+        assert_ne!(odd, trireme_name("Weird Name/2").unwrap());
     }
 }

@@ -257,3 +257,44 @@ async fn pool_status_events_and_metrics() {
     n1.stop().await;
     control.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_rejects_bad_registrations_and_unknown_heartbeats() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = TestControl::start(dir.path()).await;
+    let mut grpc =
+        trireme_rpc::registry_client::RegistryClient::connect(format!("http://{}", control.grpc))
+            .await
+            .unwrap();
+    let hb =
+        grpc.heartbeat(trireme_rpc::HeartbeatRequest { node_id: "ghost".into() }).await.unwrap();
+    assert!(!hb.into_inner().known, "an unknown node must register again");
+    let bad = grpc
+        .register(trireme_rpc::RegisterRequest {
+            node_id: "Bad Node".into(),
+            grpc_endpoint: "127.0.0.1:1".into(),
+            nbd_endpoint: "127.0.0.1:2".into(),
+            version: "x".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    let ok = grpc
+        .register(trireme_rpc::RegisterRequest {
+            node_id: "node-9".into(),
+            grpc_endpoint: "127.0.0.1:1".into(),
+            nbd_endpoint: "127.0.0.1:2".into(),
+            version: "x".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(ok.heartbeat_interval_secs >= 1);
+    let hb =
+        grpc.heartbeat(trireme_rpc::HeartbeatRequest { node_id: "node-9".into() }).await.unwrap();
+    assert!(hb.into_inner().known);
+    let node = control.admin().node("node-9").await.unwrap();
+    assert_eq!(node.status.nbd_endpoint, "127.0.0.1:2");
+    assert_eq!(node.status.state, trireme_types::NodeState::Online);
+    control.stop().await;
+}

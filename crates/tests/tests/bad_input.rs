@@ -254,34 +254,59 @@ async fn corrupt_superblocks_fault_the_pool_and_the_rest_keeps_serving() {
     let junk = corrupt(&c.pool_file(broken), 0, 2 * SUPER as usize);
     c.restart_api_only().await;
 
-    // The broken pool is reported faulted with a clear error…
+    // The broken pool is reported faulted with a clear error, and stays so: nothing
+    // re-formats the disk over the data (reconcilers and `up`'s bootstrap get time to try);
+    // its first bytes are still the ones we wrote.
     let client = c.client();
     let pool_id = format!("pool-{broken}");
-    let pool = trireme_tests::tools::wait_for(
-        &format!("{pool_id} to be reported faulted"),
-        Duration::from_secs(90),
-        || {
-            let client = client.clone();
-            let pool_id = pool_id.clone();
-            async move {
-                let p = client.pool(&pool_id).await.map_err(|e| e.to_string())?;
-                if p.status.state == trireme_api::PoolState::Faulted {
-                    Ok(p)
-                } else {
-                    Err(format!("{p:?}"))
-                }
-            }
-        },
-    )
-    .await;
+    let pool_file = c.pool_file(broken);
+    let check_not_rewritten = || {
+        let mut head = vec![0u8; 2 * SUPER as usize];
+        std::io::Read::read_exact(&mut std::fs::File::open(&pool_file).unwrap(), &mut head)
+            .unwrap();
+        if head == junk {
+            return;
+        }
+        let what = if &head[..8] == b"TRIREMEP" {
+            let name_len = u16::from_le_bytes([head[40], head[41]]) as usize;
+            format!(
+                "a freshly formatted pool named {:?} (superblock seq {})",
+                String::from_utf8_lossy(&head[42..42 + name_len.min(128)]),
+                u64::from_le_bytes(head[16..24].try_into().unwrap())
+            )
+        } else {
+            "other bytes".to_owned()
+        };
+        panic!(
+            "{pool_id}'s disk was rewritten after its superblocks were found corrupt: it now holds {what}; \
+             everything stored on it is gone. A pool that fails to import must stay faulted, never be re-created"
+        );
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    let pool = loop {
+        check_not_rewritten();
+        let p = client.pool(&pool_id).await.unwrap();
+        if p.status.state == trireme_api::PoolState::Faulted {
+            break p;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{pool_id} was never reported faulted: {p:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     let error = pool.status.error.clone().unwrap_or_default();
     assert!(error.to_lowercase().contains("superblock"), "unclear pool error: {pool:?}");
-
-    // …the pool was not silently re-formatted over (its bytes are still ours)…
-    let mut head = vec![0u8; 2 * SUPER as usize];
-    std::io::Read::read_exact(&mut std::fs::File::open(c.pool_file(broken)).unwrap(), &mut head)
-        .unwrap();
-    assert_eq!(head.as_slice(), junk.as_slice(), "the faulted pool's disk was rewritten");
+    for _ in 0..20 {
+        check_not_rewritten();
+        let p = client.pool(&pool_id).await.unwrap();
+        assert_eq!(
+            p.status.state,
+            trireme_api::PoolState::Faulted,
+            "the corrupt pool came back online: {p:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 
     // …and the rest of the cluster serves as before.
     assert!(c.up_running(), "up exited");

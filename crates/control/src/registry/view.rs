@@ -182,3 +182,101 @@ pub fn volume(st: &State, v: &VolumeRecord) -> Volume {
         },
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::registry::records::{NodeRecord, RECORD_VERSION, VolumePhase};
+    use crate::registry::{NodeEntry, Observation};
+    use trireme_types::{NodeId, ReplicaId, VolumeId};
+
+    fn state_with(child_states: &[rpc::ChildState], online: bool) -> (State, VolumeRecord) {
+        let node = NodeId::new("n1").unwrap();
+        let mut st = State::default();
+        st.nodes.insert(
+            node.clone(),
+            NodeEntry {
+                record: NodeRecord {
+                    version: RECORD_VERSION,
+                    id: node.clone(),
+                    grpc_endpoint: "e".into(),
+                    nbd_endpoint: "n".into(),
+                    engine_version: "v".into(),
+                    cordoned: false,
+                    draining: false,
+                },
+                last_seen: None,
+                last_seen_ms: 0,
+                online,
+            },
+        );
+        let replicas: Vec<ReplicaRecord> = child_states
+            .iter()
+            .map(|_| ReplicaRecord {
+                id: ReplicaId::new_random(),
+                pool: "p".parse().unwrap(),
+                node: node.clone(),
+            })
+            .collect();
+        let v = VolumeRecord {
+            version: RECORD_VERSION,
+            id: VolumeId::new_random(),
+            name: "v".parse().unwrap(),
+            size: ByteSize::mib(1),
+            replica_count: 1,
+            thin: false,
+            publish: Some(node.clone()),
+            replicas: replicas.clone(),
+            phase: VolumePhase::Ready,
+            pending: None,
+        };
+        let nexus = rpc::Nexus {
+            volume_uuid: v.id.to_string(),
+            size_bytes: 1 << 20,
+            children: replicas
+                .iter()
+                .zip(child_states)
+                .map(|(r, s)| rpc::Child {
+                    uri: format!("replica:///{}", r.id),
+                    replica_uuid: r.id.to_string(),
+                    state: *s as i32,
+                    fault_reason: "timeout".into(),
+                    ..Default::default()
+                })
+                .collect(),
+            // Unspecified: derived from the children.
+            state: 0,
+            share_uri: "nbd://h:1/x".into(),
+        };
+        let mut obs = Observation::default();
+        obs.nexuses.insert(v.id, nexus);
+        st.observed.insert(node, obs);
+        (st, v)
+    }
+
+    #[test]
+    fn volume_state_follows_the_observed_nexus() {
+        use rpc::ChildState as C;
+        let (st, v) = state_with(&[C::Online, C::Online], true);
+        assert_eq!(volume(&st, &v).status.state, VolumeState::Online);
+        let (st, v) = state_with(&[C::Online, C::Faulted], true);
+        let got = volume(&st, &v);
+        assert_eq!(got.status.state, VolumeState::Degraded);
+        assert_eq!(
+            got.status.replicas[1].status.child,
+            Some(ChildState::Faulted { reason: FaultReason::Timeout })
+        );
+        let (st, v) = state_with(&[C::Faulted], true);
+        assert_eq!(volume(&st, &v).status.state, VolumeState::Faulted);
+        // Its node is offline: unknown, and no stale target is shown.
+        let (st, v) = state_with(&[C::Online], false);
+        let got = volume(&st, &v);
+        assert_eq!(got.status.state, VolumeState::Unknown);
+        assert!(got.status.target.is_none());
+        // Not published: unknown.
+        let (st, mut v) = state_with(&[C::Online], true);
+        v.publish = None;
+        assert_eq!(volume(&st, &v).status.state, VolumeState::Unknown);
+    }
+}

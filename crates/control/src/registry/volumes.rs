@@ -313,7 +313,22 @@ impl Registry {
         &self,
         record: &VolumeRecord,
     ) -> Result<(), ControlError> {
-        if let Some(node) = &record.publish {
+        // The nexus where the spec puts it, and any other one seen (an unpublish whose
+        // DestroyNexus failed): engines refuse to destroy a replica a nexus still uses.
+        let mut nexus_nodes: Vec<NodeId> = {
+            let st = self.state.read();
+            st.observed
+                .iter()
+                .filter(|(_, o)| o.nexuses.contains_key(&record.id))
+                .map(|(n, _)| n.clone())
+                .collect()
+        };
+        if let Some(node) = &record.publish
+            && !nexus_nodes.contains(node)
+        {
+            nexus_nodes.push(node.clone());
+        }
+        for node in &nexus_nodes {
             self.destroy_nexus(node, record.id).await?;
         }
         for r in &record.replicas {

@@ -25,6 +25,7 @@ mod rest;
 pub mod scheduler;
 
 use std::net::SocketAddr;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -99,8 +100,14 @@ fn flatten(joined: Result<anyhow::Result<()>, tokio::task::JoinError>) -> anyhow
 
 /// Opens the store, loads the registry, binds both listeners and starts every task.
 pub async fn start(args: ControlArgs, shutdown: CancellationToken) -> anyhow::Result<Running> {
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("cannot create data dir {}", args.data_dir.display()))?;
+    if !args.data_dir.exists() {
+        // Private from the start: it holds the tokens and every spec.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&args.data_dir)
+            .with_context(|| format!("cannot create data dir {}", args.data_dir.display()))?;
+    }
     let tokens = Arc::new(auth::Tokens::ensure(&args.data_dir)?);
     let store = open_store(&args.data_dir.join(STORE_FILE)).await?;
     let node_timeout = Duration::from_secs(args.node_timeout_secs.max(1));

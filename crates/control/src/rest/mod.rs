@@ -104,6 +104,7 @@ pub fn router(state: AppState, tokens: Arc<Tokens>) -> axum::Router {
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state.metrics.clone(), track))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
 }
 

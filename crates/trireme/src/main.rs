@@ -87,11 +87,27 @@ async fn run(command: Command) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // `{:#}` keeps the whole cause chain on one line.
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line. Some errors already print their cause in their own
+/// message; a cause that adds nothing new is left out rather than said twice.
+fn one_line(err: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 /// The first SIGINT or SIGTERM cancels `shutdown` (servers stop cleanly); a second one exits at
@@ -133,6 +149,7 @@ fn init_logging(format: LogFormat, server: bool) {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -160,5 +177,14 @@ mod tests {
         assert!(matches!(cli.log_format, LogFormat::Json));
         assert!(!cli.command.is_server());
         assert!(Cli::try_parse_from(["trireme", "--log-format", "xml", "up"]).is_err());
+    }
+
+    #[test]
+    fn errors_fit_on_one_line_without_repeats() {
+        let io = std::io::Error::other("disk on fire");
+        let e = anyhow::Error::new(io).context("cannot open the pool: disk on fire");
+        assert_eq!(one_line(&e), "cannot open the pool: disk on fire");
+        let e = anyhow::Error::new(std::io::Error::other("refused")).context("cannot register");
+        assert_eq!(one_line(&e), "cannot register: refused");
     }
 }

@@ -14,6 +14,10 @@
 //!     └── Inner: Backend (io_uring | pread/pwrite), Meta (maps, refcounts), Journal
 //! ```
 //!
+//! On disk (format version 1): two superblock copies, two checkpoint slots, a journal of
+//! checksummed commit blocks, then the data clusters. Everything is little-endian, crc32c'd
+//! and 4 KiB aligned; `layout.rs` and `journal.rs` hold the full description.
+//!
 //! Guarantees: after `flush()` returns, or a FUA write completes, the data and the metadata
 //! that maps it survive a crash. Import after a crash sees every commit up to the first torn
 //! one and nothing after it. A freshly allocated cluster is zeroed (or fully overwritten)

@@ -1,8 +1,8 @@
 //! Trireme's pool format and pool library.
 //!
 //! A pool is a file or block device carved into replicas. This crate owns the on-disk format
-//! (see [`layout`](crate::layout) for the picture, [`journal`](crate::journal) for crash
-//! consistency) and the data path (io_uring with `O_DIRECT`, see [`io`](crate::io)).
+//! (see `layout.rs` for the picture, `journal.rs` for crash
+//! consistency) and the data path (io_uring with `O_DIRECT`, see `io/`).
 //!
 //! ```text
 //!  Arc<Pool> ── create/import/close, replicas, snapshots, clones (structural, journaled)

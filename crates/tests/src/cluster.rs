@@ -340,8 +340,8 @@ impl Cluster {
         let bin = tools::trireme_bin();
         let child = {
             use std::os::unix::process::CommandExt;
-            Command::new(&bin)
-                .arg("up")
+            let mut cmd = Command::new(&bin);
+            cmd.arg("up")
                 .arg("--data-dir")
                 .arg(&self.data_dir)
                 .arg("--nodes")
@@ -356,9 +356,17 @@ impl Cluster {
                 .stderr(err)
                 // Its own process group: cleanup can reach every process it started, and the
                 // test runner's own signals do not.
-                .process_group(0)
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot start {} up: {e}", bin.display()))
+                .process_group(0);
+            // SAFETY: the closure runs in the forked child before exec and only calls prctl(2),
+            // which is async-signal-safe; it touches no memory shared with the parent.
+            unsafe {
+                // If the test process dies without running Drop (a runner's timeout kills it),
+                // `up` dies with it, and `up` takes its own children down (their pdeathsig).
+                cmd.pre_exec(|| {
+                    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
+                });
+            }
+            cmd.spawn().unwrap_or_else(|e| panic!("cannot start {} up: {e}", bin.display()))
         };
         self.up = Some(child);
     }

@@ -13,17 +13,50 @@ use crate::ReplicaMeta;
 
 #[derive(Debug, Clone)]
 pub(crate) enum Op {
-    Create { clusters: u64, tail: u64, thin: bool },
-    Write { r: usize, off: u64, len: u64, aligned: bool, byte: u8, fua: bool },
-    Trim { r: usize, off: u64, len: u64 },
-    Zeroes { r: usize, off: u64, len: u64, may_trim: bool },
-    Snapshot { r: usize },
-    Clone { s: usize },
-    Destroy { r: usize },
-    DestroySnapshot { s: usize },
-    Resize { r: usize, add: u64 },
+    Create {
+        clusters: u64,
+        tail: u64,
+        thin: bool,
+    },
+    Write {
+        r: usize,
+        off: u64,
+        len: u64,
+        aligned: bool,
+        byte: u8,
+        fua: bool,
+    },
+    Trim {
+        r: usize,
+        off: u64,
+        len: u64,
+    },
+    Zeroes {
+        r: usize,
+        off: u64,
+        len: u64,
+        may_trim: bool,
+    },
+    Snapshot {
+        r: usize,
+    },
+    Clone {
+        s: usize,
+    },
+    Destroy {
+        r: usize,
+    },
+    DestroySnapshot {
+        s: usize,
+    },
+    Resize {
+        r: usize,
+        add: u64,
+    },
     Flush,
     Reopen,
+    /// Flush, then lose power: import must replay the journal to the same state.
+    Kill,
 }
 
 pub(crate) fn op() -> impl Strategy<Value = Op> {
@@ -41,6 +74,7 @@ pub(crate) fn op() -> impl Strategy<Value = Op> {
         1 => (any::<usize>(), 1..(2 * CS)).prop_map(|(r, add)| Op::Resize { r, add }),
         2 => Just(Op::Flush),
         1 => Just(Op::Reopen),
+        1 => Just(Op::Kill),
     ]
 }
 
@@ -153,6 +187,13 @@ async fn run(ops: Vec<Op>) {
             Op::Flush => pool.flush_for_test().await,
             Op::Reopen => {
                 pool.close().await.unwrap();
+                let (d, p) =
+                    import_image(dev.crash_image(crate::io::mem::Survivors::None)).await.unwrap();
+                dev = d;
+                pool = p;
+            }
+            Op::Kill => {
+                pool.flush_for_test().await;
                 let (d, p) =
                     import_image(dev.crash_image(crate::io::mem::Survivors::None)).await.unwrap();
                 dev = d;

@@ -6,12 +6,14 @@
 use std::path::Path;
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio::time::Instant;
 use trireme_api::{Client, ClientError, CreatePoolBody, PoolState};
 use trireme_types::{ByteSize, NodeId, NodeState, PoolId};
 
 use crate::error::UpError;
 use crate::layout::{Layout, node_name, pool_name};
+use crate::state::UpState;
 
 /// How long each step may take. Generous: a loaded CI machine starts processes slowly.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(90);
@@ -19,8 +21,15 @@ pub const STEP_TIMEOUT: Duration = Duration::from_secs(90);
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 const POLL: Duration = Duration::from_millis(200);
 
+/// A child restarted this often during startup will not come up by waiting longer.
+const CRASH_LOOP: u32 = 3;
+
 /// Waits until control answers `/readyz`, then returns a client carrying the admin token.
-pub async fn wait_for_control(api_url: &str, layout: &Layout) -> Result<Client, UpError> {
+pub async fn wait_for_control(
+    api_url: &str,
+    layout: &Layout,
+    state: &watch::Receiver<UpState>,
+) -> Result<Client, UpError> {
     let anonymous = Client::new(api_url, None)?;
     let deadline = Instant::now() + STEP_TIMEOUT;
     loop {
@@ -29,13 +38,16 @@ pub async fn wait_for_control(api_url: &str, layout: &Layout) -> Result<Client, 
             Ok(Err(e)) => tracing::debug!(error = %e, "control not ready yet"),
             Err(_) => tracing::debug!("control's /readyz timed out"),
         }
-        if Instant::now() >= deadline {
-            return Err(UpError::ControlNotReady {
-                after: STEP_TIMEOUT,
-                log: layout.log_file("control"),
-            });
-        }
-        tokio::time::sleep(POLL).await;
+        let restarts = state.borrow().control.restarts;
+        let problem = if restarts >= CRASH_LOOP {
+            format!("keeps exiting (restarted {restarts} times)")
+        } else if Instant::now() >= deadline {
+            format!("did not become ready within {}s", STEP_TIMEOUT.as_secs())
+        } else {
+            tokio::time::sleep(POLL).await;
+            continue;
+        };
+        return Err(UpError::child("control", problem, layout.log_file("control")));
     }
     let token = read_token(&layout.admin_token()).await?;
     Ok(Client::new(api_url, Some(token))?)
@@ -61,7 +73,12 @@ async fn read_token(path: &Path) -> Result<String, UpError> {
 }
 
 /// Waits until engines `1..=nodes` are registered and not offline.
-pub async fn wait_for_nodes(client: &Client, nodes: u16, layout: &Layout) -> Result<(), UpError> {
+pub async fn wait_for_nodes(
+    client: &Client,
+    nodes: u16,
+    layout: &Layout,
+    state: &watch::Receiver<UpState>,
+) -> Result<(), UpError> {
     let deadline = Instant::now() + STEP_TIMEOUT;
     loop {
         let missing = match tokio::time::timeout(CALL_TIMEOUT, client.nodes()).await {
@@ -80,15 +97,21 @@ pub async fn wait_for_nodes(client: &Client, nodes: u16, layout: &Layout) -> Res
         let Some(missing) = missing else {
             return Ok(());
         };
-        if Instant::now() >= deadline {
-            let node = node_name(missing);
-            return Err(UpError::NodeNotOnline {
-                log: layout.log_file(&node),
-                node,
-                after: STEP_TIMEOUT,
-            });
-        }
-        tokio::time::sleep(POLL).await;
+        let crashing = state
+            .borrow()
+            .nodes
+            .iter()
+            .find(|n| n.restarts >= CRASH_LOOP)
+            .map(|n| (n.name.clone(), n.restarts));
+        let (node, problem) = if let Some((node, restarts)) = crashing {
+            (node, format!("keeps exiting (restarted {restarts} times)"))
+        } else if Instant::now() >= deadline {
+            (node_name(missing), format!("did not come online within {}s", STEP_TIMEOUT.as_secs()))
+        } else {
+            tokio::time::sleep(POLL).await;
+            continue;
+        };
+        return Err(UpError::child(&node, problem, layout.log_file(&node)));
     }
 }
 

@@ -47,20 +47,76 @@ pub enum UpError {
     },
     #[error("cannot find the trireme executable to start servers with: {0}")]
     NoBinary(#[source] std::io::Error),
-    #[error("control did not become ready within {}s; see {log}", .after.as_secs())]
-    ControlNotReady { after: Duration, log: PathBuf },
+    /// A child did not get where startup needs it; `last` is the last line it logged.
+    #[error("{child} {problem}; see {log}{}", last_words(.last))]
+    Child { child: String, problem: String, log: PathBuf, last: Option<String> },
     #[error("control did not write its admin token to {path}: {source}")]
     Token {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("{node} did not come online within {}s; see {log}", .after.as_secs())]
-    NodeNotOnline { node: String, after: Duration, log: PathBuf },
     #[error("pool {pool} could not be created on {node}: {reason}")]
     Pool { pool: String, node: String, reason: String },
     #[error("pool {pool} did not come online within {}s ({reason}); see {log}", .after.as_secs())]
     PoolNotOnline { pool: String, reason: String, after: Duration, log: PathBuf },
     #[error("cannot talk to control: {0}")]
     Client(#[from] trireme_api::ClientError),
+}
+
+impl UpError {
+    /// A child that did not come up, with the last line of its log, which usually says why.
+    pub(crate) fn child(child: &str, problem: String, log: PathBuf) -> Self {
+        let last = last_log_line(&log);
+        Self::Child { child: child.to_owned(), problem, log, last }
+    }
+}
+
+fn last_words(last: &Option<String>) -> String {
+    last.as_ref().map(|l| format!(" (it last said: {l})")).unwrap_or_default()
+}
+
+/// The last line a child wrote, skipping `up`'s own start markers.
+fn last_log_line(path: &std::path::Path) -> Option<String> {
+    const MAX: usize = 300;
+    let text = std::fs::read_to_string(path).ok()?;
+    let line = text
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with(crate::supervise::START_MARKER))?;
+    let mut line = line.to_owned();
+    if line.len() > MAX {
+        let cut = (0..=MAX).rev().find(|&i| line.is_char_boundary(i)).unwrap_or(0);
+        line.truncate(cut);
+        line.push('…');
+    }
+    Some(line)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn child_errors_quote_the_last_log_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("control.log");
+        std::fs::write(
+            &log,
+            "==== trireme up: starting control ====\nerror: the store is locked\n\n\
+             ==== trireme up: starting control ====\n",
+        )
+        .unwrap();
+        let e = UpError::child("control", "keeps exiting".into(), log.clone());
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "control keeps exiting; see {} (it last said: error: the store is locked)",
+                log.display()
+            )
+        );
+        let e = UpError::child("node-1", "is slow".into(), dir.path().join("none.log"));
+        assert!(e.to_string().ends_with("none.log"), "{e}");
+    }
 }

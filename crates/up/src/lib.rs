@@ -158,13 +158,14 @@ async fn start(
     tasks: &TaskTracker,
     stop: &CancellationToken,
 ) -> Result<(), UpError> {
-    let client = bootstrap::wait_for_control(api_url, layout).await?;
+    let observed = state.subscribe();
+    let client = bootstrap::wait_for_control(api_url, layout, &observed).await?;
     tracing::info!(url = %api_url, "control is ready");
     for engine in &ports.engines {
         let spec = engine_spec(binary, layout, ports, engine);
         tasks.spawn(supervise::supervise(spec, state.clone(), stop.clone()));
     }
-    bootstrap::wait_for_nodes(&client, args.nodes, layout).await?;
+    bootstrap::wait_for_nodes(&client, args.nodes, layout, &observed).await?;
     tracing::info!(nodes = args.nodes, "every node is online");
     for engine in &ports.engines {
         bootstrap::ensure_pool(&client, engine.index, args.pool_size, layout).await?;

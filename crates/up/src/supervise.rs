@@ -31,6 +31,9 @@ use crate::state::UpState;
 /// How long a stopping child gets between SIGTERM and SIGKILL.
 pub const STOP_GRACE: Duration = Duration::from_secs(10);
 
+/// How each run of a child starts in its log.
+pub const START_MARKER: &str = "==== trireme up: starting";
+
 /// What to run and where its output goes.
 #[derive(Debug, Clone)]
 pub struct ChildSpec {
@@ -135,7 +138,7 @@ fn spawn(spec: &ChildSpec) -> std::io::Result<Child> {
     }
     let mut log = OpenOptions::new().create(true).append(true).open(&spec.log)?;
     // A marker between runs makes restarts easy to find in the appended log.
-    writeln!(log, "==== trireme up: starting {} ====", spec.name)?;
+    writeln!(log, "{START_MARKER} {} ====", spec.name)?;
     let stderr = log.try_clone()?;
     let parent = i32::try_from(std::process::id()).map_err(std::io::Error::other)?;
 

@@ -210,3 +210,48 @@ async fn supervisor_restarts_a_killed_child_and_stops_it() {
     let log = std::fs::read_to_string(layout.log_file("node-1")).unwrap();
     assert_eq!(log.matches("==== trireme up: starting node-1").count(), 2, "{log}");
 }
+
+/// The whole of `run` with a "server" that cannot start: `up` notices the crash loop, says why
+/// in one sentence quoting the child's last words, stops, and leaves no up.json behind.
+#[tokio::test]
+async fn a_crash_looping_control_fails_startup_clearly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let script = tmp.path().join("fake-trireme");
+    std::fs::write(&script, "#!/bin/sh\necho \"error: cannot start $1\" >&2\nexit 3\n").unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let api = free_api_port();
+    let args = UpArgs {
+        data_dir: Some(tmp.path().join("data")),
+        nodes: 1,
+        pool_size: ByteSize::mib(64),
+        api,
+        binary: Some(script),
+    };
+    let err =
+        tokio::time::timeout(Duration::from_secs(120), run_cluster(args, CancellationToken::new()))
+            .await
+            .unwrap()
+            .unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.starts_with("control keeps exiting (restarted 3 times); see "), "{msg}");
+    assert!(msg.ends_with("(it last said: error: cannot start control)"), "{msg}");
+    assert!(!tmp.path().join("data/up.json").exists());
+    // The lock was released: the same directory can be used again.
+    lock::DirLock::acquire(&tmp.path().join("data/up.lock"), tmp.path()).unwrap();
+}
+
+/// An API port whose whole derived range is free right now.
+fn free_api_port() -> SocketAddr {
+    for _ in 0..100 {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = probe.local_addr().unwrap().port();
+        drop(probe);
+        let api = SocketAddr::from(([127, 0, 0, 1], port));
+        if let Ok(ports) = Ports::derive(api, 1)
+            && check_ports_free(&ports).is_ok()
+        {
+            return api;
+        }
+    }
+    panic!("no free port range");
+}

@@ -264,3 +264,21 @@ async fn control_restart_keeps_everything() {
     n1.stop().await;
     control.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_identical_creates_make_one_volume() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = TestControl::start(dir.path()).await;
+    let api = control.admin();
+    let n1 = FakeNode::start("node-1", control.grpc).await;
+    nodes_online(&api, 1).await;
+    pool_online(&api, "pool-1", "node-1", 256 << 20).await;
+    let body = vol("pvc-1", ByteSize::mib(16));
+    let results = futures::future::join_all((0..6).map(|_| api.create_volume(&body))).await;
+    let ids: Vec<_> = results.into_iter().map(|r| r.unwrap().id).collect();
+    assert!(ids.windows(2).all(|w| w[0] == w[1]), "{ids:?}");
+    assert_eq!(n1.state.lock().replicas.len(), 1);
+    assert_eq!(api.volumes().await.unwrap().len(), 1);
+    n1.stop().await;
+    control.stop().await;
+}

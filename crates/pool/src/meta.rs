@@ -121,6 +121,8 @@ pub(crate) struct Meta {
     pub(crate) cluster_count: u32,
     refcount: Vec<u32>,
     free: u64,
+    /// Free clusters per group of [`GROUP`], so allocation skips full stretches of a big pool.
+    group_free: Vec<u32>,
     cursor: u32,
     pub(crate) replicas: HashMap<ReplicaId, ReplicaState>,
     pub(crate) snapshots: HashMap<SnapshotId, SnapshotState>,
@@ -140,6 +142,7 @@ impl Meta {
             cluster_count,
             refcount: vec![0; cluster_count as usize],
             free: u64::from(cluster_count),
+            group_free: full_groups(cluster_count),
             cursor: 0,
             replicas: HashMap::new(),
             snapshots: HashMap::new(),
@@ -168,17 +171,39 @@ impl Meta {
         if self.free == 0 {
             return None;
         }
-        let n = self.cluster_count;
-        for i in 0..n {
-            let p = (self.cursor + i) % n;
-            if self.refcount[p as usize] == 0 {
-                self.refcount[p as usize] = 1;
-                self.free -= 1;
-                self.cursor = (p + 1) % n;
-                return Some(p);
+        let n = u64::from(self.cluster_count);
+        let groups = self.group_free.len() as u64;
+        let start = u64::from(self.cursor) % n;
+        let g0 = start / GROUP;
+        // From the cursor to the end of the pool, then from the start back to the cursor.
+        for k in 0..=groups {
+            let g = (g0 + k) % groups;
+            if self.group_free[g as usize] == 0 {
+                continue;
+            }
+            let lo = if k == 0 { start } else { g * GROUP };
+            let hi = ((g + 1) * GROUP).min(n);
+            for p in lo..hi {
+                if self.refcount[p as usize] == 0 {
+                    let p = p as u32;
+                    self.refcount[p as usize] = 1;
+                    self.took(p);
+                    self.cursor = ((u64::from(p) + 1) % n) as u32;
+                    return Some(p);
+                }
             }
         }
         None
+    }
+
+    fn took(&mut self, p: u32) {
+        self.free -= 1;
+        self.group_free[(u64::from(p) / GROUP) as usize] -= 1;
+    }
+
+    fn gave(&mut self, p: u32) {
+        self.free += 1;
+        self.group_free[(u64::from(p) / GROUP) as usize] += 1;
     }
 
     /// Reserves `count` clusters, coalesced into runs, or none at all.
@@ -199,9 +224,9 @@ impl Meta {
     }
 
     pub(crate) fn unreserve(&mut self, p: u32) {
-        if self.refcount[p as usize] == 1 {
+        if self.refcount.get(p as usize) == Some(&1) {
             self.refcount[p as usize] = 0;
-            self.free += 1;
+            self.gave(p);
         }
     }
 
@@ -218,10 +243,11 @@ impl Meta {
             .refcount
             .get_mut(p as usize)
             .ok_or_else(|| PoolError::corrupt(format!("cluster {p} is beyond the pool")))?;
-        if *r == 0 {
-            self.free -= 1;
-        }
+        let was_free = *r == 0;
         *r = r.saturating_add(1);
+        if was_free {
+            self.took(p);
+        }
         Ok(())
     }
 
@@ -236,7 +262,7 @@ impl Meta {
                 *r = QUARANTINED;
                 self.quarantine.push(p);
             } else {
-                self.free += 1;
+                self.gave(p);
             }
         }
     }
@@ -248,7 +274,7 @@ impl Meta {
                 && *r == QUARANTINED
             {
                 *r = 0;
-                self.free += 1;
+                self.gave(p);
             }
         }
     }
@@ -442,6 +468,7 @@ impl Meta {
     pub(crate) fn derive_refcounts(&mut self) -> Result<(), PoolError> {
         self.refcount.iter_mut().for_each(|r| *r = 0);
         self.free = u64::from(self.cluster_count);
+        self.group_free = full_groups(self.cluster_count);
         let mut all: Vec<u32> = Vec::new();
         for r in self.replicas.values() {
             all.extend(r.map.mapped().map(|(_, e)| e - 1));
@@ -558,7 +585,27 @@ impl Meta {
             }
         }
         assert_eq!(free, self.free);
+        self.check_groups();
     }
+
+    /// The per-group free counts match the reference counts (tests).
+    #[cfg(test)]
+    pub(crate) fn check_groups(&self) {
+        for (g, &gf) in self.group_free.iter().enumerate() {
+            let lo = g * GROUP as usize;
+            let hi = (lo + GROUP as usize).min(self.refcount.len());
+            let real = self.refcount[lo..hi].iter().filter(|&&r| r == 0).count();
+            assert_eq!(gf as usize, real, "group {g} free count");
+        }
+    }
+}
+
+/// Allocation groups: 1024 clusters (1 GiB with the default cluster size).
+const GROUP: u64 = 1024;
+
+fn full_groups(cluster_count: u32) -> Vec<u32> {
+    let n = u64::from(cluster_count);
+    (0..n.div_ceil(GROUP)).map(|g| (n - g * GROUP).min(GROUP) as u32).collect()
 }
 
 /// Coalesces a map into extents of consecutive virtual and physical clusters.

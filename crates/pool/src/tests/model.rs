@@ -237,8 +237,8 @@ mod allocator {
         #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
 
         #[test]
-        fn reserve_unreserve(ops in proptest::collection::vec((any::<bool>(), 0..8u64), 1..200)) {
-            let mut m = Meta::new(64 << 10, 50);
+        fn reserve_unreserve(ops in proptest::collection::vec((any::<bool>(), 0..1200u64), 1..40)) {
+            let mut m = Meta::new(64 << 10, 2500);
             let mut held: Vec<u32> = Vec::new();
             for (take, n) in ops {
                 if take {
@@ -248,7 +248,7 @@ mod allocator {
                             let got: Vec<u32> = xs.iter().flat_map(|x| x.p..x.p + x.n).collect();
                             prop_assert_eq!(got.len() as u64, n);
                             for p in got {
-                                prop_assert!(p < 50);
+                                prop_assert!(p < 2500);
                                 prop_assert!(!held.contains(&p), "cluster {} handed out twice", p);
                                 held.push(p);
                             }
@@ -262,7 +262,8 @@ mod allocator {
                         m.unreserve(p);
                     }
                 }
-                prop_assert_eq!(m.free_clusters() + held.len() as u64, 50);
+                prop_assert_eq!(m.free_clusters() + held.len() as u64, 2500);
+                m.check_groups();
             }
         }
     }

@@ -91,6 +91,66 @@ pub struct GlobalOpts {
     pub token: Option<String>,
 }
 
+/// The same flags typed before the noun (`trireme --api URL -o json node list`), as the
+/// binary's top-level options. They are not `global` there, because servers (`up --api`) have
+/// flags of the same name.
+#[derive(Debug, Clone, Default, Args)]
+pub struct LeadingOpts {
+    /// Client commands: output format (also after the noun).
+    #[arg(short = 'o', long = "output", value_enum, value_name = "FORMAT")]
+    pub output: Option<Output>,
+    /// Client commands: the Trireme API, a URL or host:port (also after the noun).
+    #[arg(long, value_name = "URL")]
+    pub api: Option<String>,
+    /// Client commands: bearer token (also after the noun).
+    #[arg(long, value_name = "TOKEN")]
+    pub token: Option<String>,
+}
+
+impl LeadingOpts {
+    pub fn is_empty(&self) -> bool {
+        self.output.is_none() && self.api.is_none() && self.token.is_none()
+    }
+}
+
+impl Command {
+    fn global_mut(&mut self) -> Option<&mut GlobalOpts> {
+        match self {
+            Self::Node(a) => Some(&mut a.global),
+            Self::Pool(a) => Some(&mut a.global),
+            Self::Volume(a) => Some(&mut a.global),
+            Self::Replica(a) => Some(&mut a.global),
+            Self::Event(a) => Some(&mut a.global),
+            Self::Snapshot(_) | Self::Dump(_) => None,
+        }
+    }
+
+    /// Applies flags typed before the noun. `noun` is the noun's `ArgMatches`: a flag typed
+    /// after the noun wins, and a leading flag wins over an environment variable or a default.
+    pub fn apply_leading(&mut self, leading: &LeadingOpts, noun: &clap::ArgMatches) {
+        use clap::parser::ValueSource;
+        let Some(global) = self.global_mut() else {
+            return;
+        };
+        let typed_after = |id: &str| noun.value_source(id) == Some(ValueSource::CommandLine);
+        if let Some(output) = leading.output
+            && !typed_after("output")
+        {
+            global.output = output;
+        }
+        if let Some(api) = &leading.api
+            && !typed_after("api")
+        {
+            global.api = Some(api.clone());
+        }
+        if let Some(token) = &leading.token
+            && !typed_after("token")
+        {
+            global.token = Some(token.clone());
+        }
+    }
+}
+
 /// Runs one client command.
 pub async fn run(command: Command, shutdown: CancellationToken) -> Result<(), CliError> {
     match command {

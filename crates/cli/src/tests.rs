@@ -31,6 +31,52 @@ fn global_flags_go_before_or_after_the_verb() {
     assert!(matches!(n.command, NodeCommand::Get { node } if node.as_str() == "node-1"));
 }
 
+/// Like the binary: leading flags at the top level, applied to the noun after parsing.
+fn parse_leading(args: &[&str]) -> Command {
+    use clap::{CommandFactory, FromArgMatches};
+    #[derive(Debug, Parser)]
+    struct Top {
+        #[command(flatten)]
+        leading: LeadingOpts,
+        #[command(subcommand)]
+        command: Command,
+    }
+    let matches = Top::command()
+        .try_get_matches_from(std::iter::once("trireme").chain(args.iter().copied()))
+        .unwrap();
+    let mut top = Top::from_arg_matches(&matches).unwrap();
+    let (_, noun) = matches.subcommand().unwrap();
+    top.command.apply_leading(&top.leading, noun);
+    top.command
+}
+
+#[test]
+fn global_flags_also_go_before_the_noun() {
+    let Command::Node(n) =
+        parse_leading(&["--api", "h:1", "--token", "t", "-o", "json", "node", "list"])
+    else {
+        panic!()
+    };
+    assert_eq!(n.global.api.as_deref(), Some("h:1"));
+    assert_eq!(n.global.token.as_deref(), Some("t"));
+    assert_eq!(n.global.output, Output::Json);
+    // Typed after the noun wins.
+    let Command::Node(n) = parse_leading(&["-o", "json", "node", "list", "-o", "yaml"]) else {
+        panic!()
+    };
+    assert_eq!(n.global.output, Output::Yaml);
+    let Command::Volume(v) = parse_leading(&["--api", "a:1", "volume", "--api", "b:2", "list"])
+    else {
+        panic!()
+    };
+    assert_eq!(v.global.api.as_deref(), Some("b:2"));
+    // Nothing leading: nothing changes.
+    let Command::Pool(p) = parse_leading(&["pool", "list"]) else { panic!() };
+    assert_eq!(p.global.output, Output::Table);
+    // Commands without client flags ignore them.
+    assert!(matches!(parse_leading(&["-o", "json", "snapshot", "list"]), Command::Snapshot(_)));
+}
+
 #[test]
 fn volume_create_takes_sizes_and_defaults_to_one_replica() {
     let Command::Volume(v) = parse("volume create v1 --size 10GiB --thin").unwrap() else {

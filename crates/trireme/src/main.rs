@@ -22,6 +22,10 @@ struct Cli {
     #[arg(long, value_enum, env = "TRIREME_LOG_FORMAT", default_value_t, global = true)]
     log_format: LogFormat,
 
+    /// `-o`, `--api` and `--token` of client commands, typed before the noun.
+    #[command(flatten)]
+    leading: trireme_cli::LeadingOpts,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -52,7 +56,10 @@ impl Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match parse(std::env::args_os()) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     init_logging(cli.log_format, cli.command.is_server());
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -62,6 +69,30 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(run(cli.command))
+}
+
+/// Parses the command line and applies client flags typed before the noun.
+fn parse<I, T>(args: I) -> Result<Cli, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    use clap::{CommandFactory, FromArgMatches};
+    let mut command = Cli::command();
+    let matches = command.try_get_matches_from_mut(args)?;
+    let mut cli = Cli::from_arg_matches(&matches)?;
+    match (&mut cli.command, matches.subcommand()) {
+        (Command::Client(client), Some((_, noun))) => client.apply_leading(&cli.leading, noun),
+        (_, _) if !cli.leading.is_empty() => {
+            return Err(command.error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "-o, --api and --token before the command are for client commands; \
+                 give a server its own flags after its name (e.g. `trireme up --api ADDR`)",
+            ));
+        }
+        _ => {}
+    }
+    Ok(cli)
 }
 
 async fn run(command: Command) -> ExitCode {
@@ -163,6 +194,7 @@ mod tests {
     fn servers_and_nouns_parse() {
         for line in [
             "trireme up --nodes 1 --api 127.0.0.1:9000",
+            "trireme --api 127.0.0.1:1 --token t -o json node list",
             "trireme --log-format json control --data-dir /tmp/c",
             "trireme engine --node-id node-1 --log-format json",
             "trireme volume list -o yaml",
@@ -170,13 +202,16 @@ mod tests {
             "trireme snapshot list",
             "trireme dump",
         ] {
-            let r = Cli::try_parse_from(line.split_whitespace());
+            let r = parse(line.split_whitespace());
             assert!(r.is_ok(), "{line}: {:?}", r.err());
         }
-        let cli = Cli::try_parse_from(["trireme", "--log-format", "json", "pool", "list"]).unwrap();
+        let cli = parse(["trireme", "--log-format", "json", "pool", "list"]).unwrap();
         assert!(matches!(cli.log_format, LogFormat::Json));
         assert!(!cli.command.is_server());
-        assert!(Cli::try_parse_from(["trireme", "--log-format", "xml", "up"]).is_err());
+        assert!(parse(["trireme", "--log-format", "xml", "up"]).is_err());
+        // Client flags before a server are refused rather than silently ignored.
+        let err = parse(["trireme", "--api", "127.0.0.1:1", "up"]).unwrap_err();
+        assert!(err.to_string().contains("trireme up --api"), "{err}");
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use trireme_api::Event;
 use trireme_store::Store;
 
-use crate::registry::records::{EVENTS, event_key};
+use crate::registry::records::{self, EVENTS, EventRecord, RECORD_VERSION, event_key};
 
 /// How many events are kept.
 pub const RETAINED: usize = 10_000;
@@ -54,8 +54,8 @@ impl EventLog {
     pub async fn load(store: Arc<dyn Store>, retained: usize) -> Result<Self, crate::ControlError> {
         let mut events = VecDeque::new();
         for (key, v) in store.list(EVENTS).await? {
-            match serde_json::from_slice::<Event>(&v.value) {
-                Ok(e) => events.push_back(e),
+            match records::decode::<EventRecord>(&key, &v.value) {
+                Ok(r) => events.push_back(r.event),
                 Err(e) => tracing::warn!(%key, "skipping unreadable event: {e}"),
             }
         }
@@ -92,8 +92,10 @@ impl EventLog {
         };
         tracing::info!(kind = %event.kind, id = %event.id, reason = %event.reason, "{}", event.message);
         let mut txn = trireme_store::Txn::new();
-        match serde_json::to_vec(&event) {
-            Ok(bytes) => txn = txn.put(event_key(event.seq), bytes),
+        let key = event_key(event.seq);
+        match records::encode(&key, &EventRecord { version: RECORD_VERSION, event: event.clone() })
+        {
+            Ok(bytes) => txn = txn.put(key, bytes),
             Err(e) => tracing::warn!("cannot encode event: {e}"),
         }
         for seq in dropped {

@@ -221,13 +221,15 @@ impl Registry {
     }
 
     pub(crate) async fn remove_volume(&self, record: &VolumeRecord) -> Result<(), ControlError> {
+        let tomb_key = records::tombstone_key(&record.id);
+        let tomb = records::TombstoneRecord {
+            version: records::RECORD_VERSION,
+            deleted_ms: crate::events::now_ms(),
+        };
         let txn = trireme_store::Txn::new()
             .delete(records::volume_key(&record.id))
             .delete(records::volume_name_key(&record.name))
-            .put(
-                records::tombstone_key(&record.id),
-                crate::events::now_ms().to_string().into_bytes(),
-            );
+            .put(tomb_key.clone(), records::encode(&tomb_key, &tomb)?);
         self.store.txn(txn).await?;
         let mut st = self.state.write();
         st.volumes.remove(&record.id);

@@ -4,15 +4,15 @@
 //! control wrote them) and is where migrations from older versions will go. The tests decode
 //! literal version-1 documents so that a later change that breaks them cannot pass unnoticed.
 //!
-//! Keys:
+//! Keys (every value is one of the records below, as JSON with `"version"`):
 //! ```text
 //!   nodes/<node id>          NodeRecord
 //!   pools/<pool id>          PoolRecord
 //!   volumes/<volume uuid>    VolumeRecord
-//!   volume-names/<name>      the volume uuid (makes names unique through the store itself)
-//!   tombstones/<volume uuid> time of deletion (lets the orphan collector tell a replica of a
+//!   volume-names/<name>      NameRecord (makes names unique through the store itself)
+//!   tombstones/<volume uuid> TombstoneRecord (lets the orphan collector tell a replica of a
 //!                            deleted volume from one this store never knew)
-//!   events/<seq, 20 digits>  trireme_api::Event
+//!   events/<seq, 20 digits>  EventRecord
 //! ```
 
 use serde::de::DeserializeOwned;
@@ -164,6 +164,28 @@ impl VolumeRecord {
     }
 }
 
+/// `volume-names/<name>`: which volume holds a name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NameRecord {
+    pub version: u32,
+    pub volume: VolumeId,
+}
+
+/// `tombstones/<uuid>`: a volume this store deleted, and when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TombstoneRecord {
+    pub version: u32,
+    pub deleted_ms: u64,
+}
+
+/// `events/<seq>`: an event as served by `/v1/events`, versioned like every record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventRecord {
+    pub version: u32,
+    #[serde(flatten)]
+    pub event: trireme_api::Event,
+}
+
 pub fn node_key(id: &NodeId) -> String {
     format!("{NODES}{id}")
 }
@@ -218,6 +240,23 @@ mod tests {
         assert_eq!(p.phase, PoolPhase::Active);
         let n: NodeRecord = decode("nodes/x", NODE_V1.as_bytes()).unwrap();
         assert!(!n.cordoned);
+    }
+
+    #[test]
+    fn version_1_index_and_event_records_decode() {
+        let n: NameRecord =
+            decode("k", br#"{"version":1,"volume":"6f1c1e6e-5b8a-4a3e-9d7e-0a1b2c3d4e5f"}"#)
+                .unwrap();
+        assert_eq!(n.volume.to_string(), "6f1c1e6e-5b8a-4a3e-9d7e-0a1b2c3d4e5f");
+        let t: TombstoneRecord = decode("k", br#"{"version":1,"deleted_ms":17}"#).unwrap();
+        assert_eq!(t.deleted_ms, 17);
+        let e: EventRecord = decode(
+            "k",
+            br#"{"version":1,"seq":4,"time_ms":9,"kind":"volume","id":"x","reason":"created","message":"m"}"#,
+        )
+        .unwrap();
+        assert_eq!(e.event.seq, 4);
+        assert_eq!(e.event.reason, "created");
     }
 
     #[test]

@@ -178,7 +178,13 @@ impl Registry {
             .when(Compare::Absent(key.clone()))
             .when(Compare::Absent(name_key.clone()))
             .put(key.clone(), records::encode(&key, &record)?)
-            .put(name_key, record.id.to_string().into_bytes());
+            .put(
+                name_key.clone(),
+                records::encode(
+                    &name_key,
+                    &records::NameRecord { version: RECORD_VERSION, volume: record.id },
+                )?,
+            );
         if !self.store.txn(txn).await?.committed() {
             return Err(ControlError::VolumeConflict {
                 name: record.name.to_string(),

@@ -59,3 +59,31 @@ pub(crate) async fn run(args: NodeArgs) -> Result<(), CliError> {
         NodeCommand::Drain { .. } => Err(CliError::NotAvailable("node drain")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use trireme_api::{NodeSpec, NodeStatus};
+    use trireme_types::NodeState;
+
+    use super::*;
+    use crate::output::Output;
+
+    #[test]
+    fn node_rows() {
+        let n = Node {
+            id: NodeId::new("node-1").unwrap(),
+            spec: NodeSpec::default(),
+            status: NodeStatus {
+                state: NodeState::Offline,
+                grpc_endpoint: "127.0.0.1:7492".into(),
+                nbd_endpoint: String::new(),
+                version: "0.1.0".into(),
+                last_seen_ms: 0,
+            },
+        };
+        let t = output::one(&n, Output::Table).unwrap();
+        let rows: Vec<Vec<&str>> = t.lines().map(|l| l.split_whitespace().collect()).collect();
+        assert_eq!(rows[0], ["NAME", "STATE", "GRPC", "NBD", "VERSION"]);
+        assert_eq!(rows[1], ["node-1", "offline", "127.0.0.1:7492", "-", "0.1.0"]);
+    }
+}

@@ -89,3 +89,40 @@ pub(crate) fn deleted(kind: &str, id: &str, format: Output) -> String {
         Output::Json | Output::Yaml => String::new(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use trireme_api::{PoolSpec, PoolState, PoolStatus};
+
+    use super::*;
+
+    #[test]
+    fn pool_rows_print_sizes() {
+        let p = Pool {
+            id: PoolId::new("pool-1").unwrap(),
+            spec: PoolSpec {
+                node: NodeId::new("node-1").unwrap(),
+                disk: "/d/node-1/pool.img".into(),
+                size: Some(ByteSize::gib(4)),
+            },
+            status: PoolStatus {
+                state: PoolState::Online,
+                capacity: ByteSize::mib(4000),
+                used: ByteSize::gib(1),
+                free: ByteSize::mib(2976),
+                replicas: 1,
+                error: None,
+            },
+        };
+        let t = output::list(&[p], Output::Table).unwrap();
+        let rows: Vec<Vec<&str>> = t.lines().map(|l| l.split_whitespace().collect()).collect();
+        assert_eq!(rows[0], ["NAME", "NODE", "STATE", "CAPACITY", "USED", "FREE", "REPLICAS"]);
+        assert_eq!(rows[1], ["pool-1", "node-1", "online", "4000MiB", "1GiB", "2976MiB", "1"]);
+    }
+
+    #[test]
+    fn deletes_say_so_only_to_people() {
+        assert_eq!(deleted("pool", "p1", Output::Table), "pool \"p1\" deleted");
+        assert_eq!(deleted("pool", "p1", Output::Json), "");
+    }
+}

@@ -132,9 +132,18 @@ fn describe(status: std::io::Result<ExitStatus>) -> String {
     }
 }
 
+/// A log past this size is moved to `<name>.log.1` (replacing the previous one) when its child
+/// next starts, so that a long-lived development cluster does not fill the disk.
+const LOG_ROTATE_AT: u64 = 64 << 20;
+
 fn spawn(spec: &ChildSpec) -> std::io::Result<Child> {
     if let Some(dir) = spec.log.parent() {
         std::fs::create_dir_all(dir)?;
+    }
+    if std::fs::metadata(&spec.log).is_ok_and(|m| m.len() > LOG_ROTATE_AT) {
+        let mut old = spec.log.clone().into_os_string();
+        old.push(".1");
+        std::fs::rename(&spec.log, old)?;
     }
     let mut log = OpenOptions::new().create(true).append(true).open(&spec.log)?;
     // A marker between runs makes restarts easy to find in the appended log.

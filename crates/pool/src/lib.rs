@@ -37,6 +37,7 @@ mod layout;
 mod map;
 mod meta;
 mod pool;
+mod record;
 mod replica;
 #[cfg(test)]
 mod tests;

@@ -83,6 +83,11 @@ impl Inner {
         if self.failed.load(Ordering::Acquire) {
             return Err(PoolError::Failed);
         }
+        if !checkpoint && self.closed.load(Ordering::Acquire) {
+            // The close checkpoint took every record queued before it; nothing may touch the
+            // disk after it (another instance may already own it).
+            return if self.meta().pending_n == 0 { Ok(()) } else { Err(PoolError::Closed) };
+        }
         let ticket = self.syncs_started.load(Ordering::Acquire);
         let mut j = self.journal.lock().await;
         if !checkpoint && self.syncs_done.load(Ordering::Acquire) > ticket {

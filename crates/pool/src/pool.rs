@@ -166,6 +166,14 @@ impl Pool {
         Ok(Arc::new(Pool { inner: Arc::new(Inner::new(disk, dev, sb, meta, journal)) }))
     }
 
+    /// Takes the admin lock of a usable pool (checked again once held: `close` holds it too).
+    async fn admin(&self) -> Result<tokio::sync::MutexGuard<'_, ()>, PoolError> {
+        self.inner.usable()?;
+        let guard = self.inner.admin.lock().await;
+        self.inner.usable()?;
+        Ok(guard)
+    }
+
     pub fn info(&self) -> PoolInfo {
         let cs = self.inner.cluster_size();
         let m = self.inner.meta();
@@ -206,9 +214,7 @@ impl Pool {
         thin: bool,
         meta: ReplicaMeta,
     ) -> Result<ReplicaInfo, PoolError> {
-        self.inner.usable()?;
-        let admin = self.inner.admin.lock().await;
-        self.inner.usable()?;
+        let admin = self.admin().await?;
         let cs = self.inner.cluster_size();
         let size = size.bytes();
         let clusters = clusters_for(size, cs);
@@ -255,8 +261,7 @@ impl Pool {
     }
 
     pub async fn destroy_replica(&self, id: ReplicaId) -> Result<(), PoolError> {
-        self.inner.usable()?;
-        let admin = self.inner.admin.lock().await;
+        let admin = self.admin().await?;
         let io = self
             .inner
             .meta()
@@ -279,8 +284,7 @@ impl Pool {
         id: ReplicaId,
         size: ByteSize,
     ) -> Result<ReplicaInfo, PoolError> {
-        self.inner.usable()?;
-        let admin = self.inner.admin.lock().await;
+        let admin = self.admin().await?;
         let cs = self.inner.cluster_size();
         let new = size.bytes();
         let plan = {
@@ -334,8 +338,7 @@ impl Pool {
         id: ReplicaId,
         meta: ReplicaMeta,
     ) -> Result<(), PoolError> {
-        self.inner.usable()?;
-        let admin = self.inner.admin.lock().await;
+        let admin = self.admin().await?;
         {
             let mut m = self.inner.meta();
             if !m.replicas.contains_key(&id) {
@@ -386,8 +389,7 @@ impl Pool {
         source: ReplicaId,
         id: SnapshotId,
     ) -> Result<SnapshotInfo, PoolError> {
-        self.inner.usable()?;
-        let admin = self.inner.admin.lock().await;
+        let admin = self.admin().await?;
         if let Some(s) = self.snapshot_info(id) {
             if s.source != source {
                 return Err(PoolError::AlreadyExists { what: format!("snapshot {id}") });
@@ -430,8 +432,7 @@ impl Pool {
 
     /// Destroys a snapshot; clusters still used by its source or clones stay.
     pub async fn destroy_snapshot(&self, id: SnapshotId) -> Result<(), PoolError> {
-        self.inner.usable()?;
-        let admin = self.inner.admin.lock().await;
+        let admin = self.admin().await?;
         {
             let mut m = self.inner.meta();
             if !m.snapshots.contains_key(&id) {
@@ -466,8 +467,7 @@ impl Pool {
         id: ReplicaId,
         meta: ReplicaMeta,
     ) -> Result<ReplicaInfo, PoolError> {
-        self.inner.usable()?;
-        let admin = self.inner.admin.lock().await;
+        let admin = self.admin().await?;
         let cs = self.inner.cluster_size();
         let existing = {
             let mut m = self.inner.meta();

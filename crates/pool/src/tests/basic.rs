@@ -304,3 +304,53 @@ async fn released_cluster_is_not_reused_before_release_is_durable() {
     assert!(matches!(rc.write(0, buf(&[1; 4096]), false).await, Err(PoolError::NoSpace { .. })));
     check_meta(&pool);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_touches_the_disk_after_close() {
+    use crate::io::mem::Survivors;
+    let (dev, pool) = mem_pool(&Geo::small()).await;
+    let id = ReplicaId::new_random();
+    pool.create_replica(id, ByteSize::b(4 * CS), true, ReplicaMeta::default()).await.unwrap();
+    let r = pool.open_replica(id).unwrap();
+    // Structural operations and writes racing with close either finish before it or fail.
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..8u64 {
+        let (pool, r) = (pool.clone(), r.clone());
+        tasks.spawn(async move {
+            let _ = pool
+                .create_replica(
+                    ReplicaId::new_random(),
+                    ByteSize::b(CS),
+                    true,
+                    ReplicaMeta::default(),
+                )
+                .await;
+            let _ = r.write(i * 4096, buf(&[i as u8; 4096]), true).await;
+        });
+    }
+    pool.close().await.unwrap();
+    while let Some(t) = tasks.join_next().await {
+        t.unwrap();
+    }
+    let after_close = dev.crash_image(Survivors::All);
+    assert!(matches!(
+        pool.create_replica(ReplicaId::new_random(), ByteSize::b(CS), true, ReplicaMeta::default())
+            .await,
+        Err(PoolError::Closed)
+    ));
+    assert!(matches!(
+        pool.set_replica_meta(id, ReplicaMeta::default()).await,
+        Err(PoolError::Closed)
+    ));
+    assert!(matches!(
+        pool.create_snapshot(id, SnapshotId::new_random()).await,
+        Err(PoolError::Closed)
+    ));
+    assert!(matches!(r.write(0, buf(&[1; 4096]), true).await, Err(PoolError::Closed)));
+    assert!(matches!(r.flush().await, Err(PoolError::Closed)));
+    assert!(matches!(r.trim(0, 4096).await, Err(PoolError::Closed)));
+    assert!(dev.crash_image(Survivors::All) == after_close, "the disk changed after close");
+    // And what was acknowledged before close is all there.
+    let (_d, again) = import_image(after_close).await.unwrap();
+    check_meta(&again);
+}

@@ -56,11 +56,16 @@ impl Command {
 }
 
 fn main() -> ExitCode {
-    let cli = match parse(std::env::args_os()) {
+    let mut cli = match parse(std::env::args_os()) {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
     init_logging(cli.log_format, cli.command.is_server());
+    if let Command::Up(args) = &mut cli.command {
+        // The servers `up` starts log the way `up` itself does.
+        let format = cli.log_format.to_possible_value().map(|v| v.get_name().to_owned());
+        args.child_env.extend(format.map(|f| ("TRIREME_LOG_FORMAT".to_owned(), f)));
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -73,6 +73,10 @@ pub struct UpArgs {
     /// The executable to run the servers with [default: this one].
     #[arg(long, value_name = "PATH", hide = true, env = "TRIREME_UP_BINARY")]
     pub binary: Option<PathBuf>,
+
+    /// Extra environment for every child (the binary passes its log format on this way).
+    #[arg(skip)]
+    pub child_env: Vec<(String, String)>,
 }
 
 /// The data directory `up` uses without `--data-dir`: `$TRIREME_DATA_DIR`, else
@@ -109,7 +113,7 @@ async fn run_cluster(args: UpArgs, shutdown: CancellationToken) -> Result<(), Up
     let tasks = TaskTracker::new();
     tasks.spawn(state::write_on_change(state_rx, layout.state_file(), stop.clone()));
     tasks.spawn(supervise::supervise(
-        control_spec(&binary, &layout, &ports),
+        control_spec(&binary, &layout, &ports, &args.child_env),
         state_tx.clone(),
         stop.clone(),
     ));
@@ -162,7 +166,7 @@ async fn start(
     let client = bootstrap::wait_for_control(api_url, layout, &observed).await?;
     tracing::info!(url = %api_url, "control is ready");
     for engine in &ports.engines {
-        let spec = engine_spec(binary, layout, ports, engine);
+        let spec = engine_spec(binary, layout, ports, engine, &args.child_env);
         tasks.spawn(supervise::supervise(spec, state.clone(), stop.clone()));
     }
     bootstrap::wait_for_nodes(&client, args.nodes, layout, &observed).await?;
@@ -204,7 +208,12 @@ fn check_ports_free(ports: &Ports) -> Result<(), UpError> {
     Ok(())
 }
 
-fn control_spec(binary: &Path, layout: &Layout, ports: &Ports) -> ChildSpec {
+fn control_spec(
+    binary: &Path,
+    layout: &Layout,
+    ports: &Ports,
+    env: &[(String, String)],
+) -> ChildSpec {
     let args = [
         "control".to_owned(),
         "--api-listen".into(),
@@ -218,11 +227,18 @@ fn control_spec(binary: &Path, layout: &Layout, ports: &Ports) -> ChildSpec {
         name: "control".into(),
         binary: binary.to_owned(),
         args: args.into_iter().map(Into::into).collect(),
+        env: env.to_vec(),
         log: layout.log_file("control"),
     }
 }
 
-fn engine_spec(binary: &Path, layout: &Layout, ports: &Ports, engine: &EnginePorts) -> ChildSpec {
+fn engine_spec(
+    binary: &Path,
+    layout: &Layout,
+    ports: &Ports,
+    engine: &EnginePorts,
+    env: &[(String, String)],
+) -> ChildSpec {
     let name = node_name(engine.index);
     let args = [
         "engine".to_owned(),
@@ -244,6 +260,7 @@ fn engine_spec(binary: &Path, layout: &Layout, ports: &Ports, engine: &EnginePor
         name,
         binary: binary.to_owned(),
         args: args.into_iter().map(Into::into).collect(),
+        env: env.to_vec(),
     }
 }
 

@@ -41,6 +41,8 @@ pub struct ChildSpec {
     pub name: String,
     pub binary: PathBuf,
     pub args: Vec<OsString>,
+    /// Set on top of `up`'s own environment, which the child inherits.
+    pub env: Vec<(String, String)>,
     pub log: PathBuf,
 }
 
@@ -153,6 +155,7 @@ fn spawn(spec: &ChildSpec) -> std::io::Result<Child> {
 
     let mut cmd = Command::new(&spec.binary);
     cmd.args(&spec.args)
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::from(log))
         .stderr(Stdio::from(stderr))

@@ -54,7 +54,7 @@ fn bad_flags_are_refused() {
 fn children_get_derived_addresses_and_dirs() {
     let layout = Layout::new("/d");
     let ports = Ports::derive("127.0.0.1:20000".parse().unwrap(), 2).unwrap();
-    let control = control_spec(Path::new("/bin/trireme"), &layout, &ports);
+    let control = control_spec(Path::new("/bin/trireme"), &layout, &ports, &[]);
     let args: Vec<String> = control.args.iter().map(|a| a.to_string_lossy().into_owned()).collect();
     assert_eq!(
         args,
@@ -68,7 +68,7 @@ fn children_get_derived_addresses_and_dirs() {
             "/d/control"
         ]
     );
-    let engine = engine_spec(Path::new("/bin/trireme"), &layout, &ports, &ports.engines[1]);
+    let engine = engine_spec(Path::new("/bin/trireme"), &layout, &ports, &ports.engines[1], &[]);
     let args: Vec<String> = engine.args.iter().map(|a| a.to_string_lossy().into_owned()).collect();
     assert_eq!(
         args,
@@ -95,7 +95,7 @@ fn children_get_derived_addresses_and_dirs() {
 fn wildcard_api_advertises_loopback() {
     let layout = Layout::new("/d");
     let ports = Ports::derive("0.0.0.0:20000".parse().unwrap(), 1).unwrap();
-    let engine = engine_spec(Path::new("/t"), &layout, &ports, &ports.engines[0]);
+    let engine = engine_spec(Path::new("/t"), &layout, &ports, &ports.engines[0], &[]);
     let args: Vec<String> = engine.args.iter().map(|a| a.to_string_lossy().into_owned()).collect();
     assert!(args.windows(2).any(|w| w == ["--nbd-listen", "0.0.0.0:20013"]));
     assert!(args.windows(2).any(|w| w == ["--nbd-advertise", "127.0.0.1:20013"]));
@@ -167,7 +167,8 @@ async fn supervisor_restarts_a_killed_child_and_stops_it() {
     let spec = ChildSpec {
         name: "node-1".into(),
         binary: "/bin/sh".into(),
-        args: vec!["-c".into(), "echo hello; exec sleep 300".into()],
+        args: vec!["-c".into(), "echo hello $GREETING; exec sleep 300".into()],
+        env: vec![("GREETING".into(), "from-up".into())],
         log: layout.log_file("node-1"),
     };
     let stop = CancellationToken::new();
@@ -187,7 +188,7 @@ async fn supervisor_restarts_a_killed_child_and_stops_it() {
     // The child's output lands in its log.
     let log_path = layout.log_file("node-1");
     let logged = async {
-        while !std::fs::read_to_string(&log_path).unwrap_or_default().contains("hello") {
+        while !std::fs::read_to_string(&log_path).unwrap_or_default().contains("hello from-up") {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     };
@@ -226,6 +227,7 @@ async fn a_crash_looping_control_fails_startup_clearly() {
         pool_size: ByteSize::mib(64),
         api,
         binary: Some(script),
+        child_env: vec![],
     };
     let err =
         tokio::time::timeout(Duration::from_secs(120), run_cluster(args, CancellationToken::new()))

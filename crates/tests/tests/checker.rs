@@ -78,6 +78,8 @@ async fn checker_passes_kept_data_and_catches_lost_or_damaged_blocks() {
         "2",
         "--flush-every-ms",
         "50",
+        "--fua-percent",
+        "20",
     ])
     .await;
     assert!(ok, "{out}");

@@ -85,7 +85,7 @@ async fn acknowledged_flushed_writes_survive_engine_sigkill() {
                 "--flush-every-ms",
                 "100",
             ])
-            .args(["--depth", "16"])
+            .args(["--depth", "16", "--fua-percent", "3"])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)

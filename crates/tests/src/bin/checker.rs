@@ -35,6 +35,9 @@ enum Mode {
         blocks: Option<u64>,
         #[arg(long, default_value_t = 16)]
         depth: usize,
+        /// Percentage of writes sent with FUA (recorded as durable once acknowledged).
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
+        fua_percent: u8,
     },
     /// Read every block back and check it against the log.
     Verify {
@@ -49,7 +52,7 @@ enum Mode {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.mode {
-        Mode::Write { uri, log, seconds, flush_every_ms, block, blocks, depth } => {
+        Mode::Write { uri, log, seconds, flush_every_ms, block, blocks, depth, fua_percent } => {
             let opts = checker::WriteOptions {
                 uri,
                 log,
@@ -58,6 +61,7 @@ async fn main() -> ExitCode {
                 block_size: block,
                 blocks,
                 depth,
+                fua_percent,
             };
             let started = Instant::now();
             match checker::write(&opts).await {

@@ -39,6 +39,9 @@ pub struct WriteOptions {
     /// Blocks to use from the start of the export; `None`: as many as fit (at most 65,536).
     pub blocks: Option<u64>,
     pub depth: usize,
+    /// Percentage of writes sent with FUA; each acknowledged one is recorded at once, since
+    /// FUA makes it durable without a FLUSH.
+    pub fua_percent: u8,
 }
 
 /// How `write` ended.
@@ -71,7 +74,8 @@ fn log_write_err(path: &Path) -> impl Fn(std::io::Error) -> CheckerError + '_ {
     move |source| CheckerError::LogWrite { path: path.display().to_string(), source }
 }
 
-type WriteDone = (u64, u64, Result<(), NbdError>);
+/// (block index, sequence, sent with FUA, outcome)
+type WriteDone = (u64, u64, bool, Result<(), NbdError>);
 /// A FLUSH in flight and the acknowledged writes it will cover.
 type Flushing = (BoxFuture<'static, Result<(), NbdError>>, Vec<(u64, u64)>);
 type ReadDone = (u64, Result<Vec<u8>, NbdError>);
@@ -126,16 +130,23 @@ pub async fn write(opts: &WriteOptions) -> Result<WriteReport, CheckerError> {
             let c = client.clone();
             let offset = index * opts.block_size as u64;
             let s = seq;
+            let fua = rng.random_range(0..100u8) < opts.fua_percent;
             inflight
-                .push(Box::pin(async move { (index, s, c.write(offset, &block, false).await) }));
+                .push(Box::pin(async move { (index, s, fua, c.write(offset, &block, fua).await) }));
         }
         if stopping && inflight.is_empty() && flushing.is_none() {
             break;
         }
         tokio::select! {
-            Some((index, s, res)) = inflight.next(), if !inflight.is_empty() => {
+            Some((index, s, fua, res)) = inflight.next(), if !inflight.is_empty() => {
                 busy.remove(&index);
                 match res {
+                    Ok(()) if fua => {
+                        // Durable on acknowledgement: record it under the last completed flush.
+                        report.writes_acked += 1;
+                        let rec = format::encode_record(flush_no, &[(index, s)]);
+                        format::append_durably(&mut log, &rec).map_err(&lw)?;
+                    }
                     Ok(()) => {
                         report.writes_acked += 1;
                         let e = dirty.entry(index).or_insert(0);

@@ -7,8 +7,12 @@
 //! - [`nbd`]: a small independent NBD client for the checker and the malformed-input tests.
 //! - [`tools`], [`guards`], [`procs`]: external tools with timeouts, mount/loop guards, /proc.
 //!
-//! The tests themselves live in `tests/`, one file per concern. They need the `trireme`
-//! binary: `cargo build -p trireme` first (or set `TRIREME_BIN`).
+//! The tests themselves live in `tests/`, one file per concern, each test with its own cluster.
+//! They need the `trireme` binary: `cargo build -p trireme` first (`scripts/test.sh` does).
+//!
+//! Environment: `TRIREME_BIN` (the binary under test; default `<target>/debug/trireme`),
+//! `TRIREME_TEST_TMPDIR` (where clusters live; default the system temp dir — it must support
+//! `O_DIRECT`, so not tmpfs), `TRIREME_TEST_KEEP=1` (keep a failed test's data dir and logs).
 //!
 //! ```text
 //!  tests/*.rs ── Cluster ──spawn──> trireme up ──> control + engines

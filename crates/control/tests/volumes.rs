@@ -210,6 +210,8 @@ async fn engine_restart_gets_its_nexus_back_and_offline_is_unknown() {
     })
     .await;
     assert_eq!(n1.state.lock().replicas.len(), 1, "the replica is never recreated or destroyed");
+    let events = api.events(None).await.unwrap();
+    assert!(events.iter().any(|e| e.reason == "nexus_recreated"), "{events:?}");
 
     // The engine goes away: the node goes offline and the volume's state is unknown.
     let state = n1.stop().await;

@@ -39,6 +39,8 @@ pub struct Reconciler {
     failures: HashMap<String, String>,
     pool_states: HashMap<trireme_types::PoolId, trireme_api::PoolState>,
     volume_states: HashMap<VolumeId, trireme_types::VolumeState>,
+    /// Volumes whose nexus was observed where the spec wants it; one missing later was lost.
+    nexuses_seen: std::collections::HashSet<VolumeId>,
 }
 
 /// Runs passes until cancelled.
@@ -73,11 +75,24 @@ pub async fn watch_liveness(registry: Arc<Registry>, cancel: CancellationToken) 
 impl Reconciler {
     pub async fn pass(&mut self, reg: &Registry) {
         self.observe(reg).await;
+        self.note_nexuses(reg);
         self.pools(reg).await;
         self.volumes(reg).await;
         self.nexuses(reg).await;
         self.destroy_orphaned(reg).await;
         self.state_events(reg).await;
+    }
+
+    /// Remembers which published volumes have their nexus in place (and forgets unpublished
+    /// ones, so a later publish is not mistaken for a recreation).
+    fn note_nexuses(&mut self, reg: &Registry) {
+        let st = reg.state.read();
+        self.nexuses_seen.retain(|id| st.volumes.get(id).is_some_and(|v| v.publish.is_some()));
+        for v in st.volumes.values() {
+            if crate::registry::view::observed_nexus(&st, v).is_some() {
+                self.nexuses_seen.insert(v.id);
+            }
+        }
     }
 
     /// Reports a failure of `subject` once until it changes or clears.

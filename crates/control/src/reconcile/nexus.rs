@@ -34,8 +34,12 @@ impl Reconciler {
         };
         for id in todo {
             let subject = format!("nexus of volume {id}");
-            match create_nexus(reg, id).await {
-                Ok(()) => self.succeeded(&subject),
+            let lost = self.nexuses_seen.contains(&id);
+            match create_nexus(reg, id, lost).await {
+                Ok(()) => {
+                    self.succeeded(&subject);
+                    self.nexuses_seen.insert(id);
+                }
                 Err(e) => self.failed(reg, Kind::Nexus, &id.to_string(), subject, e).await,
             }
         }
@@ -112,7 +116,8 @@ impl Reconciler {
 }
 
 /// Creates a volume's nexus over its local replicas and records what the engine reports.
-async fn create_nexus(reg: &Registry, id: VolumeId) -> Result<(), crate::ControlError> {
+/// `lost`: the nexus had been seen on its node before, so it vanished (an engine restart).
+async fn create_nexus(reg: &Registry, id: VolumeId, lost: bool) -> Result<(), crate::ControlError> {
     let _guard = reg.lock_volume(id).await;
     let Some(record) = reg.volume_record(&id) else { return Ok(()) };
     let Some(node) = record.publish.clone() else { return Ok(()) };
@@ -148,8 +153,12 @@ async fn create_nexus(reg: &Registry, id: VolumeId) -> Result<(), crate::Control
         .record(
             Kind::Volume,
             id,
-            "published",
-            format!("volume {} is published on node {node} at {uri}", record.name),
+            if lost { "nexus_recreated" } else { "published" },
+            if lost {
+                format!("the nexus of volume {} was gone from node {node} (engine restarted?); recreated at {uri}", record.name)
+            } else {
+                format!("volume {} is published on node {node} at {uri}", record.name)
+            },
         )
         .await;
     Ok(())

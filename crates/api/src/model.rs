@@ -81,6 +81,7 @@ pub struct PoolStatus {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct CreatePoolBody {
     pub name: PoolId,
     pub node: NodeId,
@@ -137,6 +138,7 @@ pub struct Child {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct CreateVolumeBody {
     pub name: Name,
     /// A client-supplied id (CSI retries create with the same name; either makes it idempotent).
@@ -154,11 +156,13 @@ fn one() -> u8 {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct ResizeVolumeBody {
     pub size: ByteSize,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct PublishBody {
     /// The node to run the volume's nexus on; default: a node holding one of its replicas.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -52,6 +52,7 @@ pub fn to_status(e: EngineError) -> Status {
             | PoolError::Corrupt { .. }
             | PoolError::Truncated { .. }
             | PoolError::BadSuperblock { .. }
+            | PoolError::NotBlank { .. }
             | PoolError::UnsupportedVersion { .. } => Code::FailedPrecondition,
             PoolError::Closed | PoolError::Failed => Code::Unavailable,
             _ => Code::Internal,

@@ -14,6 +14,11 @@ pub enum PoolError {
     AlreadyExists { what: String },
     #[error("disk already holds pool {name:?} ({uuid})")]
     AlreadyFormatted { name: String, uuid: Uuid },
+    #[error(
+        "disk {disk} is not blank but holds no valid pool (damaged superblocks, or another file \
+         system); refusing to format over it: repair it, or wipe it on purpose"
+    )]
+    NotBlank { disk: String },
     #[error("not enough space: need {needed}, {free} free")]
     NoSpace { needed: ByteSize, free: ByteSize },
     #[error("range {offset}+{len} is outside the replica of {size} bytes")]

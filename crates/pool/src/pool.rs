@@ -49,6 +49,27 @@ fn replica_info(id: ReplicaId, r: &ReplicaState, cs: u64) -> ReplicaInfo {
 }
 
 /// Reads both superblock copies: the newest valid one, and whether a copy needs repair.
+/// Refuses to format a disk whose head holds anything: a pool with both superblocks damaged must
+/// be repaired or wiped on purpose, never silently replaced by an empty one (and a disk holding
+/// another file system must not be eaten either).
+async fn ensure_blank(dev: &Backend, disk: &Path) -> Result<(), PoolError> {
+    let size = dev.size().map_err(|e| PoolError::io(format!("sizing {}", disk.display()), e))?;
+    let len = BLANK_CHECK.min(size) as usize;
+    if len == 0 {
+        return Ok(());
+    }
+    let (buf, r) = dev.read(IoBuf::zeroed(len), 0, len, 0).await;
+    r.map_err(|e| PoolError::io(format!("reading the head of {}", disk.display()), e))?;
+    if buf.iter().any(|&b| b != 0) {
+        return Err(PoolError::NotBlank { disk: disk.display().to_string() });
+    }
+    Ok(())
+}
+
+/// How much of a disk's head must be zeroes before it is formatted: both superblock copies and
+/// the places where common file systems and partition tables keep their signatures.
+const BLANK_CHECK: u64 = 64 * 1024;
+
 async fn read_superblocks(dev: &Backend, disk: &Path) -> Result<(Superblock, bool), PoolError> {
     let bad =
         |reason: String| PoolError::BadSuperblock { disk: disk.display().to_string(), reason };
@@ -118,7 +139,7 @@ impl Pool {
             }
             // A pool of a newer format is still a pool: never format over it.
             Err(e @ PoolError::UnsupportedVersion { .. }) => return Err(e),
-            Err(_) => {}
+            Err(_) => ensure_blank(&dev, &disk).await?,
         }
         let size =
             dev.size().map_err(|e| PoolError::io(format!("sizing {}", disk.display()), e))?;

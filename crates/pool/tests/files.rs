@@ -86,8 +86,11 @@ async fn aligned_and_unaligned_io_survive_close_and_import() {
 async fn thick_replica_and_space_accounting() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("pool.img");
-    // Dirty the file first: a thick replica must still read as zeroes.
-    std::fs::write(&path, vec![0x5a; 128 * MIB as usize]).unwrap();
+    // Dirty the file first (all but its head, which formatting requires to be blank, as after
+    // `wipefs`): a thick replica must still read as zeroes.
+    let mut dirty = vec![0x5a; 128 * MIB as usize];
+    dirty[..64 * 1024].fill(0);
+    std::fs::write(&path, dirty).unwrap();
     let pool = Pool::create(&path, opts(128 * MIB)).await.unwrap();
     let free = pool.info().free;
     let id = ReplicaId::new_random();

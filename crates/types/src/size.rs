@@ -46,7 +46,7 @@ impl ByteSize {
         self.0
     }
     pub const fn is_multiple_of(self, unit: u64) -> bool {
-        unit != 0 && self.0 % unit == 0
+        self.0.is_multiple_of(unit)
     }
     /// Rounds up to a multiple of `unit` (a power of two), saturating.
     pub const fn align_up(self, unit: u64) -> Self {
@@ -125,7 +125,7 @@ impl fmt::Display for ByteSize {
             (ByteSize::KIB, "KiB"),
         ];
         for (unit, name) in UNITS {
-            if self.0 >= unit && self.0 % unit == 0 {
+            if self.0 >= unit && self.0.is_multiple_of(unit) {
                 return write!(f, "{}{}", self.0 / unit, name);
             }
         }

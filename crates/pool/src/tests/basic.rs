@@ -193,6 +193,35 @@ async fn superblock_copies_and_truncation() {
 }
 
 #[tokio::test]
+async fn formatting_refuses_a_disk_that_is_not_blank() {
+    let (dev, pool) = mem_pool(&Geo::small()).await;
+    let id = ReplicaId::new_random();
+    pool.create_replica(id, ByteSize::b(CS), true, ReplicaMeta::default()).await.unwrap();
+    pool.close().await.unwrap();
+    let image = dev.crash_image(crate::io::mem::Survivors::None);
+    let create = |image: Vec<u8>| async move {
+        let dev = Arc::new(MemDev::from_image(image));
+        Pool::create_on(PathBuf::from("mem"), Backend::Mem(dev), CreateOptions::new("new"), None)
+            .await
+    };
+
+    // Both superblock copies damaged: the pool's data is still there and must not be replaced.
+    let mut damaged = image.clone();
+    damaged[100] ^= 0xff;
+    damaged[4096 + 100] ^= 0xff;
+    assert!(matches!(create(damaged).await, Err(PoolError::NotBlank { .. })));
+
+    // Another file system's signature (ext4 keeps its magic at 1080).
+    let mut foreign = vec![0u8; image.len()];
+    foreign[1080] = 0x53;
+    foreign[1081] = 0xef;
+    assert!(matches!(create(foreign).await, Err(PoolError::NotBlank { .. })));
+
+    // Zeroes format fine.
+    assert!(create(vec![0u8; image.len()]).await.is_ok());
+}
+
+#[tokio::test]
 async fn torn_journal_tail_replays_valid_prefix() {
     let geo = Geo::small();
     let (dev, pool) = mem_pool(&geo).await;

@@ -326,9 +326,22 @@ fn banner(args: &UpArgs, layout: &Layout, api_url: &str) -> String {
             layout.admin_token().display()
         ));
     }
-    out.push_str("  trireme volume create v1 --size 1GiB && trireme volume publish v1\n");
+    out.push_str(&format!(
+        "  trireme volume create v1 --size {} && trireme volume publish v1\n",
+        hint_size(args.pool_size)
+    ));
     out.push_str("Ctrl-C stops the cluster; `trireme up` again resumes it.");
     out
+}
+
+/// 1GiB, or a quarter of a small pool, so that the suggested command works as typed.
+fn hint_size(pool: ByteSize) -> ByteSize {
+    let gib = ByteSize::gib(1);
+    if pool.bytes() >= 2 * gib.bytes() {
+        gib
+    } else {
+        ByteSize::mib((pool.bytes() / 4 / ByteSize::MIB).max(1))
+    }
 }
 
 fn print_banner(args: &UpArgs, layout: &Layout, api_url: &str) {

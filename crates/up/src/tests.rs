@@ -153,6 +153,9 @@ fn banner_tells_where_things_are() {
     assert!(b.contains("/nonexistent/x/logs/"), "{b}");
     assert!(b.contains("1 node,"), "{b}");
     assert!(b.contains("trireme volume create v1 --size 1GiB && trireme volume publish v1"));
+    assert_eq!(hint_size(ByteSize::gib(4)), ByteSize::gib(1));
+    assert_eq!(hint_size(ByteSize::mib(256)), ByteSize::mib(64));
+    assert_eq!(hint_size(ByteSize::mib(2)), ByteSize::mib(1));
     // Not the default directory: the hint says how to point the CLI at it.
     assert!(b.contains("export TRIREME_API=http://127.0.0.1:7480 TRIREME_TOKEN="), "{b}");
 }

@@ -166,3 +166,56 @@ where
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+/// A few words about a 4 KiB block, for difference reports.
+fn describe_block(b: &[u8]) -> String {
+    if b.is_empty() {
+        return "missing (file too short)".into();
+    }
+    if b.iter().all(|&x| x == b[0]) {
+        return format!("all bytes {:#04x}", b[0]);
+    }
+    format!("data starting {:02x?}", &b[..8.min(b.len())])
+}
+
+/// Panics unless two files are identical, saying where and how they differ (which 4 KiB
+/// blocks, and what each side holds there) so a data-integrity failure can be diagnosed.
+pub fn assert_files_equal(expected: &Path, actual: &Path, what: &str) {
+    let a = std::fs::read(expected).unwrap_or_else(|e| panic!("read {}: {e}", expected.display()));
+    let b = std::fs::read(actual).unwrap_or_else(|e| panic!("read {}: {e}", actual.display()));
+    if a == b {
+        return;
+    }
+    const BS: usize = 4096;
+    let blocks = a.len().max(b.len()).div_ceil(BS);
+    let mut diffs = Vec::new();
+    for i in 0..blocks {
+        let ra = a.get(i * BS..((i + 1) * BS).min(a.len())).unwrap_or(&[]);
+        let rb = b.get(i * BS..((i + 1) * BS).min(b.len())).unwrap_or(&[]);
+        if ra != rb {
+            diffs.push(i);
+        }
+    }
+    let mut msg = format!(
+        "{what}: {} of {blocks} 4 KiB blocks differ (sizes {} and {}); first differences:\n",
+        diffs.len(),
+        a.len(),
+        b.len()
+    );
+    for &i in diffs.iter().take(12) {
+        let ra = a.get(i * BS..((i + 1) * BS).min(a.len())).unwrap_or(&[]);
+        let rb = b.get(i * BS..((i + 1) * BS).min(b.len())).unwrap_or(&[]);
+        msg.push_str(&format!(
+            "  offset {:#x} ({} MiB + {} KiB): expected {}, found {}\n",
+            i * BS,
+            (i * BS) >> 20,
+            (i * BS % (1 << 20)) >> 10,
+            describe_block(ra),
+            describe_block(rb)
+        ));
+    }
+    if let (Some(first), Some(last)) = (diffs.first(), diffs.last()) {
+        msg.push_str(&format!("  differing range: {:#x}..{:#x}\n", first * BS, (last + 1) * BS));
+    }
+    panic!("{msg}");
+}

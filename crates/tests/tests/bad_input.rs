@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use trireme_api::{CreateVolumeBody, PROBLEM_JSON, Problem};
 use trireme_tests::nbd::{self, NbdClient};
-use trireme_tests::tools::{random_file, run_ok, sha256_file};
+use trireme_tests::tools::{assert_files_equal, random_file, run_ok};
 use trireme_tests::{ByteSize, Cluster};
 use trireme_types::Name;
 
@@ -191,11 +191,7 @@ async fn a_corrupt_first_superblock_or_journal_loses_nothing() {
     c.wait_nbd(&uri).await;
     let back = tmp.path().join("back.bin");
     run_ok("nbdcopy", &[&uri, back.to_str().unwrap()], T).await;
-    assert_eq!(
-        sha256_file(&src, None),
-        sha256_file(&back, None),
-        "data changed after recovering the superblock"
-    );
+    assert_files_equal(&src, &back, "data changed after recovering the superblock");
     c.stop().await;
 
     // Both superblocks are valid again (repaired) and agree about the journal's place.
@@ -231,11 +227,7 @@ async fn a_corrupt_first_superblock_or_journal_loses_nothing() {
         c.wait_nbd(&uri).await;
         let back = tmp.path().join("back2.bin");
         run_ok("nbdcopy", &[&uri, back.to_str().unwrap()], T).await;
-        assert_eq!(
-            sha256_file(&src, None),
-            sha256_file(&back, None),
-            "journal garbage changed the data"
-        );
+        assert_files_equal(&src, &back, "journal garbage changed the data");
     }
 }
 
@@ -314,7 +306,7 @@ async fn corrupt_superblocks_fault_the_pool_and_the_rest_keeps_serving() {
     c.wait_nbd(&uri).await;
     let back = tmp.path().join("back.bin");
     run_ok("nbdcopy", &[&uri, back.to_str().unwrap()], T).await;
-    assert_eq!(sha256_file(&src, None), sha256_file(&back, None));
+    assert_files_equal(&src, &back, "data differs");
     let other = client.pool(&format!("pool-{healthy}")).await.unwrap();
     assert_eq!(other.status.state, trireme_api::PoolState::Online);
     let (_, uri2) = c.create_published("after", ByteSize::mib(8)).await;
@@ -371,11 +363,7 @@ async fn a_full_pool_answers_enospc_loses_nothing_and_recovers() {
     assert_eq!(c.engine_pid(1), Some(pid), "the engine restarted on a full pool");
     let back = tmp.path().join("a-back.bin");
     run_ok("nbdcopy", &[&uri_a, back.to_str().unwrap()], T).await;
-    assert_eq!(
-        sha256_file(&src, None),
-        sha256_file(&back, None),
-        "volume A changed when the pool filled up"
-    );
+    assert_files_equal(&src, &back, "volume A changed when the pool filled up");
 
     // Freeing space (deleting A) lets B's writes succeed again.
     c.client().unpublish_volume("full-a").await.unwrap();

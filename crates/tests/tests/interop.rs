@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use trireme_tests::guards::{LoopDevice, Mount, NbdFuse};
-use trireme_tests::tools::{random_file, run_ok, sha256_file, stdout};
+use trireme_tests::tools::{assert_files_equal, random_file, run_ok, sha256_file, stdout};
 use trireme_tests::{ByteSize, Cluster};
 
 const MIB: u64 = 1 << 20;
@@ -39,11 +39,7 @@ async fn nbdinfo_nbdcopy_qemu_img_and_fio() {
     random_file(&src, (64 * MIB) as usize);
     run_ok("nbdcopy", &[src.to_str().unwrap(), &uri], T).await;
     run_ok("nbdcopy", &[&uri, back.to_str().unwrap()], T).await;
-    assert_eq!(
-        sha256_file(&src, None),
-        sha256_file(&back, None),
-        "nbdcopy round trip changed the data"
-    );
+    assert_files_equal(&src, &back, "nbdcopy round trip changed the data");
 
     // ---- qemu-img compare: the source file against the NBD URI.
     let out =
@@ -90,11 +86,7 @@ async fn nbdinfo_nbdcopy_qemu_img_and_fio() {
     // The first volume is untouched by the second's load.
     let again = tmp.path().join("again.bin");
     run_ok("nbdcopy", &[&uri, again.to_str().unwrap()], T).await;
-    assert_eq!(
-        sha256_file(&src, None),
-        sha256_file(&again, None),
-        "volume A changed under volume B's load"
-    );
+    assert_files_equal(&src, &again, "volume A changed under volume B's load");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use trireme_tests::checker::format::read_log;
-use trireme_tests::tools::{describe_output, random_file, run, run_ok, sha256_file};
+use trireme_tests::tools::{assert_files_equal, describe_output, random_file, run, run_ok};
 use trireme_tests::{ByteSize, Cluster};
 
 const MIB: u64 = 1 << 20;
@@ -37,11 +37,7 @@ async fn data_survives_stop_and_restart_of_up() {
     c.wait_nbd(&uri).await;
     let back = tmp.path().join("back.bin");
     run_ok("nbdcopy", &[&uri, back.to_str().unwrap()], T).await;
-    assert_eq!(
-        sha256_file(&src, None),
-        sha256_file(&back, None),
-        "data changed across a restart of up"
-    );
+    assert_files_equal(&src, &back, "data changed across a restart of up");
 }
 
 /// Parses "verified N blocks, M covered by flush F, L lost".

@@ -3,7 +3,7 @@
 //! cancellation token to the chosen server.
 //!
 //! ```text
-//!   trireme up | control | engine          servers: run until SIGINT/SIGTERM cancels the token
+//!   trireme up | control | engine | csi …  servers: run until SIGINT/SIGTERM cancels the token
 //!   trireme node | pool | volume | …       CLI: one REST call or a few (trireme-cli)
 //! ```
 
@@ -45,8 +45,19 @@ enum Command {
     Control(trireme_control::ControlArgs),
     /// Run a storage engine: pools, replicas, nexuses, NBD shares.
     Engine(trireme_engine::EngineArgs),
+    /// Run a Kubernetes CSI plugin.
+    #[command(subcommand)]
+    Csi(CsiCommand),
     #[command(flatten)]
     Client(trireme_cli::Command),
+}
+
+#[derive(Debug, Subcommand)]
+enum CsiCommand {
+    /// The controller plugin: creates, publishes, expands and deletes volumes through control.
+    Controller(trireme_csi::ControllerArgs),
+    /// The node plugin: attaches, formats, mounts and unmounts volumes on this node.
+    Node(trireme_csi::NodeArgs),
 }
 
 impl Command {
@@ -110,6 +121,8 @@ async fn run(command: Command) -> ExitCode {
         Command::Up(args) => trireme_up::run(args, shutdown).await,
         Command::Control(args) => trireme_control::run(args, shutdown).await,
         Command::Engine(args) => trireme_engine::run(args, shutdown).await,
+        Command::Csi(CsiCommand::Controller(args)) => trireme_csi::run_controller(args, shutdown).await,
+        Command::Csi(CsiCommand::Node(args)) => trireme_csi::run_node(args, shutdown).await,
         Command::Client(cmd) => {
             return match trireme_cli::run(cmd, shutdown).await {
                 Ok(()) => ExitCode::SUCCESS,

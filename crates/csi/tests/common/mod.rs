@@ -47,7 +47,17 @@ impl Drop for Plugin {
 
 pub fn spawn_plugin(args: &[&str], socket: &Path, backend: &Backend, log: &Path) -> Plugin {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_trireme-csi"))
+    // The real `trireme csi …` subcommands when the test script names the binary; the crate's
+    // own launcher otherwise (`cargo test -p trireme-csi` on its own).
+    let mut command = match std::env::var_os("TRIREME_BIN") {
+        Some(bin) => {
+            let mut c = Command::new(bin);
+            c.arg("csi");
+            c
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_trireme-csi")),
+    };
+    let child = command
         .args(args)
         .arg("--endpoint")
         .arg(format!("unix://{}", socket.display()))

@@ -328,6 +328,8 @@ async fn a_full_pool_answers_enospc_loses_nothing_and_recovers() {
     let src = tmp.path().join("a.bin");
     random_file(&src, a_size as usize);
     run_ok("nbdcopy", &[src.to_str().unwrap(), &uri_a], T).await;
+    // B starts allocating right away: reading A back first gives a race between A's fresh
+    // clusters and B's allocations near pool-full time to settle, and hides it.
     let pid = c.engine_pid(1).unwrap();
 
     // Fill B one fresh cluster at a time until the pool is full: ENOSPC, not a hang or a crash.

@@ -62,6 +62,8 @@ async fn nbdinfo_nbdcopy_qemu_img_and_fio() {
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            // No verify-state file in the working directory (the crate dir under cargo).
+            "--verify_state_save=0",
             "--output-format=json",
         ],
         T,

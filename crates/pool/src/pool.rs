@@ -49,6 +49,31 @@ fn replica_info(id: ReplicaId, r: &ReplicaState, cs: u64) -> ReplicaInfo {
 }
 
 /// Reads both superblock copies: the newest valid one, and whether a copy needs repair.
+/// How long opening a pool waits for the disk's lock. A previous owner that was killed still
+/// holds it until the kernel has torn down its io_uring (in-flight O_DIRECT requests keep the file
+/// open after the process is gone), which can take a moment; a live owner holds it for good.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Opens the disk, waiting (bounded) for a lock left behind by a process that just died.
+async fn open_backend(disk: &Path) -> Result<Backend, PoolError> {
+    let deadline = tokio::time::Instant::now() + LOCK_WAIT;
+    let mut logged = false;
+    loop {
+        match Backend::open(disk) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+                && tokio::time::Instant::now() < deadline =>
+            {
+                if !logged {
+                    tracing::warn!(disk = %disk.display(), "pool disk is locked; waiting for its previous owner to let go");
+                    logged = true;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            r => return r.map_err(|e| PoolError::io(format!("opening {}", disk.display()), e)),
+        }
+    }
+}
+
 /// Refuses to format a disk whose head holds anything: a pool with both superblocks damaged must
 /// be repaired or wiped on purpose, never silently replaced by an empty one (and a disk holding
 /// another file system must not be eaten either).
@@ -116,8 +141,7 @@ impl Pool {
         if let Some(size) = opts.size {
             prepare_file(disk, size.bytes())?;
         }
-        let dev = Backend::open(disk)
-            .map_err(|e| PoolError::io(format!("opening {}", disk.display()), e))?;
+        let dev = open_backend(disk).await?;
         Self::create_on(disk.to_path_buf(), dev, opts, None).await
     }
 
@@ -161,8 +185,7 @@ impl Pool {
     /// Opens an existing pool: picks the newest valid superblock, loads the newest valid
     /// checkpoint and replays the journal's valid prefix.
     pub async fn import(disk: &Path) -> Result<Arc<Pool>, PoolError> {
-        let dev = Backend::open(disk)
-            .map_err(|e| PoolError::io(format!("opening {}", disk.display()), e))?;
+        let dev = open_backend(disk).await?;
         Self::import_on(disk.to_path_buf(), dev).await
     }
 

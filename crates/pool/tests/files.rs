@@ -191,13 +191,23 @@ async fn corrupt_and_truncated_files_give_clear_errors() {
     let again = Pool::create(&path, opts(64 * MIB)).await;
     assert!(matches!(again, Err(PoolError::AlreadyFormatted { .. })));
 
-    // A disk is never open in two pool instances at once; close releases it.
+    // A disk is never open in two pool instances at once. A second import waits (bounded) for
+    // the first to let go, as after a crash whose io_uring teardown still holds the file, and
+    // fails clearly when the owner never lets go.
     let first = Pool::import(&path).await.unwrap();
+    let waiter = tokio::spawn({
+        let path = path.clone();
+        async move { Pool::import(&path).await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(!waiter.is_finished(), "a second import must wait while the disk is locked");
+    first.close().await.unwrap();
+    drop(first);
+    let second = waiter.await.unwrap().unwrap();
     let err = Pool::import(&path).await.err().unwrap();
     assert!(matches!(err, PoolError::Io { .. }) && err.to_string().contains("in use"), "{err}");
-    first.close().await.unwrap();
+    second.close().await.unwrap();
     Pool::import(&path).await.unwrap().close().await.unwrap();
-    drop(first);
 
     let pristine = std::fs::read(&path).unwrap();
     let mut bytes = pristine.clone();

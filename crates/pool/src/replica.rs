@@ -218,6 +218,14 @@ impl Replica {
 }
 
 /// What a lookup of one virtual cluster found.
+/// What `allocate` did with the caller's buffer.
+enum Allocated {
+    /// The data is in a fresh cluster now mapped at `v`.
+    Done(IoBuf),
+    /// Someone else allocated or is allocating `v`; nothing was written.
+    Raced(IoBuf),
+}
+
 enum Lookup {
     Hole,
     /// Mapped, and only this replica references it: write in place.
@@ -358,8 +366,14 @@ impl Ctx<'_> {
                             Lookup::Shared(p) => Some(p),
                             _ => None,
                         };
-                        buf = self.allocate(v, old, buf, boff, len, pos - base).await?;
-                        break;
+                        match self.allocate(v, old, buf, boff, len, pos - base).await? {
+                            Allocated::Done(b) => {
+                                buf = b;
+                                break;
+                            }
+                            // Another request got to this cluster first: look again.
+                            Allocated::Raced(b) => buf = b,
+                        }
                     }
                 }
             }
@@ -370,6 +384,11 @@ impl Ctx<'_> {
 
     /// Gives virtual cluster `v` a fresh cluster holding `buf[boff..boff+len]` at `within`,
     /// zeroes elsewhere or (copy on write) the rest of the old cluster `old`.
+    ///
+    /// `old` is what the caller's lookup saw, but the meta lock was dropped since: if another
+    /// request has started allocating `v`, or has mapped it, in between, this returns
+    /// [`Allocated::Raced`] and the caller looks again. Allocating anyway would map `v` twice
+    /// and the later mapping would silently drop the earlier request's acknowledged data.
     async fn allocate(
         &self,
         v: u32,
@@ -378,18 +397,26 @@ impl Ctx<'_> {
         boff: usize,
         len: usize,
         within: u64,
-    ) -> Result<IoBuf, PoolError> {
+    ) -> Result<Allocated, PoolError> {
         let cs = self.inner.cluster_size();
         let sem = Arc::new(tokio::sync::Semaphore::new(0));
         let mut committed = false;
+        let expected = old.map_or(HOLE, |p| p + 1);
         let new = loop {
             let quarantined = {
                 let mut m = self.inner.meta();
+                let current = m.replicas.get(&self.id).ok_or(PoolError::Destroyed(self.id))?;
+                if m.inflight.contains_key(&(self.id, v)) || current.map.get(v) != expected {
+                    return Ok(Allocated::Raced(buf));
+                }
                 if let Some(new) = m.reserve() {
                     m.inflight.insert((self.id, v), sem.clone());
                     break new;
                 }
-                if committed || m.quarantine.is_empty() {
+                // An empty quarantine does not prove the pool full: a commit under way may be
+                // about to free what it took from the quarantine. One commit of our own waits
+                // for it; only after that is "no space" the truth.
+                if committed {
                     return Err(PoolError::NoSpace {
                         needed: ByteSize::b(cs),
                         free: ByteSize::b(m.free_clusters() * cs),
@@ -408,7 +435,7 @@ impl Ctx<'_> {
         sem.close();
         let ok = res.as_ref().is_ok_and(|_| m.replicas.contains_key(&self.id));
         if ok && m.log(Record::Map { id: self.id, v, p: new }).is_ok() {
-            return res;
+            return res.map(Allocated::Done);
         }
         m.unreserve(new);
         res.and(Err(PoolError::Destroyed(self.id)))

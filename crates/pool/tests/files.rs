@@ -358,3 +358,53 @@ fn rss_bytes() -> u64 {
     let pages: u64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
     pages * 4096
 }
+
+/// Several writes racing into the same unallocated cluster must all land: exactly one of them
+/// allocates it, the others wait and write in place. The pool is full, with released clusters
+/// still waiting for their release to be committed, so every writer sees a hole, waits for that
+/// commit (real disk I/O, so the writers interleave), and only then allocates: the widest form
+/// of the race between looking a cluster up and allocating it. Allocating the same cluster twice
+/// would silently drop the data of every write but the last.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_into_one_new_cluster_all_land() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = pool_in(dir.path(), 64 * MIB).await;
+    let free = pool.info().free.bytes();
+    let filler = ReplicaId::new_random();
+    pool.create_replica(filler, ByteSize::b(free), true, ReplicaMeta::default()).await.unwrap();
+    let f = pool.open_replica(filler).unwrap();
+    for c in 0..free / MIB {
+        f.write(c * MIB, IoBuf::copy_from(&vec![0xee; MIB as usize]), false).await.unwrap();
+    }
+    f.flush().await.unwrap();
+    assert_eq!(pool.info().free.bytes(), 0);
+
+    let id = ReplicaId::new_random();
+    pool.create_replica(id, ByteSize::mib(16), true, ReplicaMeta::default()).await.unwrap();
+    let r = pool.open_replica(id).unwrap();
+    let pieces = 16u64;
+    let piece = MIB / pieces;
+    for round in 0..4u64 {
+        // Released but not yet committed: quarantined, not free. More clusters than one, so
+        // that a double allocation would find room and lose data instead of failing.
+        f.trim(round * 8 * MIB, 8 * MIB).await.unwrap();
+        let mut writes = tokio::task::JoinSet::new();
+        for i in 0..pieces {
+            let r = r.clone();
+            let data = IoBuf::copy_from(&pattern(round * 100 + i, piece as usize));
+            writes.spawn(async move { r.write(round * MIB + i * piece, data, false).await });
+        }
+        while let Some(res) = writes.join_next().await {
+            res.unwrap().unwrap();
+        }
+        for i in 0..pieces {
+            let got = r.read(round * MIB + i * piece, piece as u32).await.unwrap();
+            assert!(
+                got[..] == pattern(round * 100 + i, piece as usize)[..],
+                "round {round}: piece {i} of the new cluster was lost"
+            );
+        }
+    }
+    assert_eq!(r.allocated().unwrap(), ByteSize::mib(4), "a cluster was allocated twice");
+    pool.close().await.unwrap();
+}

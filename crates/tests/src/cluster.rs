@@ -623,7 +623,11 @@ impl Cluster {
             &format!("NBD export {uri} to accept clients"),
             Duration::from_secs(90),
             || async {
-                crate::nbd::NbdClient::connect(uri).await.map(drop).map_err(|e| e.to_string())
+                let opts = trireme_nbd::ClientOptions::default();
+                trireme_nbd::Client::connect_uri(uri, opts)
+                    .await
+                    .map(drop)
+                    .map_err(|e| e.to_string())
             },
         )
         .await

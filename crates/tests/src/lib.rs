@@ -4,8 +4,11 @@
 //!   CLI and signals, cleaning up every process and dumping every log when a test fails.
 //! - [`checker`] (and the `trireme-checker` binary): proves that writes acknowledged before a
 //!   completed FLUSH survive a crash.
-//! - [`nbd`]: a small independent NBD client for the checker and the malformed-input tests.
 //! - [`tools`], [`guards`], [`procs`]: external tools with timeouts, mount/loop guards, /proc.
+//!
+//! NBD traffic from Rust goes through `trireme_nbd::Client`; the malformed-traffic tests build
+//! their deliberately broken bytes from `trireme_nbd::proto`. Independent clients (nbdinfo,
+//! nbdcopy, qemu-img, fio, nbdfuse) cover what sharing the server's codec could hide.
 //!
 //! The tests themselves live in `tests/`, one file per concern, each test with its own cluster.
 //! They need the `trireme` binary: `cargo build -p trireme` first (`scripts/test.sh` does).
@@ -25,7 +28,6 @@
 pub mod checker;
 pub mod cluster;
 pub mod guards;
-pub mod nbd;
 pub mod procs;
 pub mod tools;
 

@@ -7,7 +7,8 @@
 use std::time::Duration;
 
 use trireme_api::{CreateVolumeBody, PROBLEM_JSON, Problem};
-use trireme_tests::nbd::{self, NbdClient};
+use trireme_iobuf::IoBuf;
+use trireme_nbd::{Client, ClientError, ClientOptions};
 use trireme_tests::tools::{assert_files_equal, random_file, run_ok};
 use trireme_tests::{ByteSize, Cluster};
 use trireme_types::Name;
@@ -333,14 +334,14 @@ async fn a_full_pool_answers_enospc_loses_nothing_and_recovers() {
     let pid = c.engine_pid(1).unwrap();
 
     // Fill B one fresh cluster at a time until the pool is full: ENOSPC, not a hang or a crash.
-    let b = NbdClient::connect(&uri_b).await.unwrap();
+    let b = Client::connect_uri(&uri_b, ClientOptions::default()).await.unwrap();
     let mut written = Vec::new();
     let mut full_at = None;
     for k in 0..(a_size / MIB) {
         let off = k * MIB;
-        match b.write(off, &vec![k as u8 | 1; 4096], false).await {
+        match b.write(off, IoBuf::copy_from(&[k as u8 | 1; 4096]), false).await {
             Ok(()) => written.push(off),
-            Err(nbd::NbdError::Errno { errno, .. }) => {
+            Err(ClientError::Server { errno, .. }) => {
                 assert_eq!(errno, 28, "a full pool must answer ENOSPC (28), got errno {errno}");
                 full_at = Some(off);
                 break;
@@ -355,11 +356,15 @@ async fn a_full_pool_answers_enospc_loses_nothing_and_recovers() {
     b.flush().await.unwrap();
     for off in &written {
         let want = vec![(*off / MIB) as u8 | 1; 4096];
-        assert_eq!(b.read(*off, 4096).await.unwrap(), want, "block at {off} of B after ENOSPC");
+        assert_eq!(
+            &b.read(*off, 4096).await.unwrap()[..],
+            &want[..],
+            "block at {off} of B after ENOSPC"
+        );
     }
     assert_eq!(
-        b.read(full_at, 4096).await.unwrap(),
-        vec![0u8; 4096],
+        &b.read(full_at, 4096).await.unwrap()[..],
+        &[0u8; 4096][..],
         "a failed write left data behind"
     );
     assert_eq!(c.engine_pid(1), Some(pid), "the engine restarted on a full pool");
@@ -374,9 +379,11 @@ async fn a_full_pool_answers_enospc_loses_nothing_and_recovers() {
     trireme_tests::tools::wait_for(
         "B's writes to succeed after space was freed",
         Duration::from_secs(60),
-        || async { b.write(full_at, &want, false).await.map_err(|e| e.to_string()) },
+        || async {
+            b.write(full_at, IoBuf::copy_from(&want), false).await.map_err(|e| e.to_string())
+        },
     )
     .await;
     b.flush().await.unwrap();
-    assert_eq!(b.read(full_at, 4096).await.unwrap(), want);
+    assert_eq!(&b.read(full_at, 4096).await.unwrap()[..], &want[..]);
 }

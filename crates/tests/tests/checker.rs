@@ -37,7 +37,8 @@ async fn nbdkit(port: u16, plugin: &[&str]) -> Nbdkit {
     let k = Nbdkit(child);
     let uri = format!("nbd://127.0.0.1:{port}/");
     trireme_tests::tools::wait_for("nbdkit to listen", Duration::from_secs(20), || async {
-        trireme_tests::nbd::NbdClient::connect(&uri).await.map(drop).map_err(|e| e.to_string())
+        let opts = trireme_nbd::ClientOptions::default();
+        trireme_nbd::Client::connect_uri(&uri, opts).await.map(drop).map_err(|e| e.to_string())
     })
     .await;
     k

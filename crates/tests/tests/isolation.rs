@@ -4,7 +4,8 @@
 
 use std::time::Duration;
 
-use trireme_tests::nbd::NbdClient;
+use trireme_iobuf::IoBuf;
+use trireme_nbd::{Client, ClientError, ClientOptions};
 use trireme_tests::tools::{run_ok, wait_for};
 use trireme_tests::{ByteSize, Cluster};
 
@@ -13,7 +14,7 @@ const T: Duration = Duration::from_secs(180);
 
 /// Reads the whole export and returns the offsets of the first few non-zero 4 KiB blocks.
 async fn nonzero_blocks(uri: &str, size: u64) -> Vec<u64> {
-    let c = NbdClient::connect(uri).await.unwrap();
+    let c = Client::connect_uri(uri, ClientOptions::default()).await.unwrap();
     assert_eq!(c.size(), size);
     let mut found = Vec::new();
     let chunk = 4 * MIB;
@@ -71,14 +72,14 @@ async fn new_volumes_read_zeroes_never_old_data() {
     // they read back exactly.
     c.create_volume_with("sparse", ByteSize::mib(32), true).await;
     let uri = c.publish("sparse").await;
-    let client = NbdClient::connect(&uri).await.unwrap();
+    let client = Client::connect_uri(&uri, ClientOptions::default()).await.unwrap();
     let offsets = [0u64, 5 * MIB + 4096, 17 * MIB, 32 * MIB - 4096];
     for (k, off) in offsets.iter().enumerate() {
-        client.write(*off, &vec![k as u8 + 1; 4096], false).await.unwrap();
+        client.write(*off, IoBuf::copy_from(&[k as u8 + 1; 4096]), false).await.unwrap();
     }
     client.flush().await.unwrap();
     for (k, off) in offsets.iter().enumerate() {
-        assert_eq!(client.read(*off, 4096).await.unwrap(), vec![k as u8 + 1; 4096]);
+        assert_eq!(&client.read(*off, 4096).await.unwrap()[..], &[k as u8 + 1; 4096][..]);
     }
     drop(client);
     let dirty = nonzero_blocks(&uri, 32 * MIB).await;
@@ -106,7 +107,9 @@ async fn resize_keeps_data_new_space_reads_zeroes_and_unpublish_stops_serving() 
                 let c = &c;
                 let uri = uri.clone();
                 async move {
-                    let client = NbdClient::connect(&uri).await.map_err(|e| e.to_string())?;
+                    let client = Client::connect_uri(&uri, ClientOptions::default())
+                        .await
+                        .map_err(|e| e.to_string())?;
                     if client.size() == 48 * MIB {
                         Ok(uri)
                     } else {
@@ -118,7 +121,7 @@ async fn resize_keeps_data_new_space_reads_zeroes_and_unpublish_stops_serving() 
             },
         )
         .await;
-        let client = NbdClient::connect(&uri).await.unwrap();
+        let client = Client::connect_uri(&uri, ClientOptions::default()).await.unwrap();
         let head = client.read(0, (16 * MIB) as u32).await.unwrap();
         assert_eq!(
             trireme_tests::tools::sha256_bytes(&head),
@@ -140,8 +143,13 @@ async fn resize_keeps_data_new_space_reads_zeroes_and_unpublish_stops_serving() 
             &format!("{name}'s export to disappear"),
             Duration::from_secs(30),
             || async {
-                match NbdClient::connect(&uri).await {
-                    Err(trireme_tests::nbd::NbdError::OptionRefused { .. }) => Ok(()),
+                match Client::connect_uri(&uri, ClientOptions::default()).await {
+                    // The server's answer to OPT_GO for an export it does not have.
+                    Err(ClientError::Handshake { reason, .. })
+                        if reason.contains("no such export") =>
+                    {
+                        Ok(())
+                    }
                     Err(e) => Err(format!("unexpected error {e}")),
                     Ok(_) => Err("still served".into()),
                 }

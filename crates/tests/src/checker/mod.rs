@@ -25,7 +25,9 @@ use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
 use rand::Rng;
 
-use crate::nbd::{NbdClient, NbdError};
+use trireme_iobuf::IoBuf;
+use trireme_nbd::{Client, ClientError, ClientOptions};
+
 use format::{BlockContent, LogHeader};
 
 /// Options of `trireme-checker write`.
@@ -57,7 +59,7 @@ pub struct WriteReport {
 #[derive(Debug, thiserror::Error)]
 pub enum CheckerError {
     #[error(transparent)]
-    Nbd(#[from] NbdError),
+    Nbd(#[from] ClientError),
     #[error(transparent)]
     Log(#[from] format::LogError),
     #[error("cannot write the log {path}: {source}")]
@@ -75,17 +77,26 @@ fn log_write_err(path: &Path) -> impl Fn(std::io::Error) -> CheckerError + '_ {
 }
 
 /// (block index, sequence, sent with FUA, outcome)
-type WriteDone = (u64, u64, bool, Result<(), NbdError>);
+type WriteDone = (u64, u64, bool, Result<(), ClientError>);
 /// A FLUSH in flight and the acknowledged writes it will cover.
-type Flushing = (BoxFuture<'static, Result<(), NbdError>>, Vec<(u64, u64)>);
-type ReadDone = (u64, Result<Vec<u8>, NbdError>);
+type Flushing = (BoxFuture<'static, Result<(), ClientError>>, Vec<(u64, u64)>);
+type ReadDone = (u64, Result<IoBuf, ClientError>);
+
+/// A request may wait this long for its answer; a loaded 2-core test machine can stall an
+/// engine for many seconds without anything being wrong.
+const IO_TIMEOUT: Duration = Duration::from_secs(60);
+
+async fn connect(uri: &str) -> Result<Client, ClientError> {
+    let opts = ClientOptions { io_timeout: IO_TIMEOUT, ..ClientOptions::default() };
+    Client::connect_uri(uri, opts).await
+}
 
 /// Runs the write mode until `seconds` pass or the connection is lost.
 pub async fn write(opts: &WriteOptions) -> Result<WriteReport, CheckerError> {
     if opts.block_size < 512 || !opts.block_size.is_power_of_two() {
         return Err(CheckerError::Usage("--block must be a power of two of at least 512".into()));
     }
-    let client = Arc::new(NbdClient::connect(&opts.uri).await?);
+    let client = Arc::new(connect(&opts.uri).await?);
     let fit = client.size() / opts.block_size as u64;
     let blocks = opts.blocks.unwrap_or(fit.min(65_536));
     if blocks == 0 || blocks > fit {
@@ -126,13 +137,14 @@ pub async fn write(opts: &WriteOptions) -> Result<WriteReport, CheckerError> {
             };
             seq += 1;
             busy.insert(index);
-            let block = format::make_block(opts.block_size, index, seq, rng.random());
+            let block =
+                IoBuf::copy_from(&format::make_block(opts.block_size, index, seq, rng.random()));
             let c = client.clone();
             let offset = index * opts.block_size as u64;
             let s = seq;
             let fua = rng.random_range(0..100u8) < opts.fua_percent;
             inflight
-                .push(Box::pin(async move { (index, s, fua, c.write(offset, &block, fua).await) }));
+                .push(Box::pin(async move { (index, s, fua, c.write(offset, block, fua).await) }));
         }
         if stopping && inflight.is_empty() && flushing.is_none() {
             break;
@@ -193,10 +205,8 @@ pub async fn write(opts: &WriteOptions) -> Result<WriteReport, CheckerError> {
             flushing = Some((Box::pin(async move { c.flush().await }), snapshot));
         }
     }
-    if report.connection_lost.is_none()
-        && let Ok(c) = Arc::try_unwrap(client)
-    {
-        c.disconnect().await.ok();
+    if report.connection_lost.is_none() {
+        client.disconnect().await.ok();
     }
     Ok(report)
 }
@@ -313,7 +323,7 @@ pub fn check_block(index: u64, data: &[u8], covered: Option<(u64, u64)>) -> Opti
 /// Reads every block of the log's geometry and checks it.
 pub async fn verify(uri: &str, log_path: &Path) -> Result<VerifyReport, CheckerError> {
     let log = format::read_log(log_path)?;
-    let client = Arc::new(NbdClient::connect(uri).await?);
+    let client = Arc::new(connect(uri).await?);
     let bs = log.header.block_size as u64;
     let blocks = log.header.blocks;
     if blocks * bs > client.size() {
@@ -323,7 +333,8 @@ pub async fn verify(uri: &str, log_path: &Path) -> Result<VerifyReport, CheckerE
             client.size()
         )));
     }
-    const CHUNK_BLOCKS: u64 = 64;
+    // Read in chunks of up to 64 blocks, within the export's largest request.
+    let chunk_blocks = (u64::from(client.block_sizes().maximum) / bs).clamp(1, 64);
     let mut report = VerifyReport {
         blocks,
         covered: log.covered.blocks.len() as u64,
@@ -334,7 +345,7 @@ pub async fn verify(uri: &str, log_path: &Path) -> Result<VerifyReport, CheckerE
     let mut next = 0u64;
     loop {
         while next < blocks && reads.len() < 8 {
-            let n = CHUNK_BLOCKS.min(blocks - next);
+            let n = chunk_blocks.min(blocks - next);
             let c = client.clone();
             let first = next;
             reads.push(Box::pin(async move { (first, c.read(first * bs, (n * bs) as u32).await) }));

@@ -1,12 +1,16 @@
 //! The transmission phase of one connection.
 //!
 //! ```text
-//!   socket ──> reader (this task) ──spawn──> request task ─┐   (up to max_in_flight at once)
-//!                 │ parses headers, reads WRITE            ├─> mpsc ──> writer task ──> socket
-//!                 │ payloads into IoBufs                   │   (batches replies into one
-//!                 └── early error replies ─────────────────┘    vectored write; no copies)
+//!   socket ──> reader (this task) ──spawn──> request task ──> ReplySink ──> socket
+//!                 │ parses headers, reads WRITE            (the first finished request that
+//!                 │ payloads into IoBufs                    finds the socket free writes every
+//!                 └── early error replies ──> ReplySink     queued reply in one vectored write)
 //! ```
 //! Requests run concurrently and may complete out of order; each reply carries its cookie.
+//! There is no writer task: a request that finishes queues its reply and, if no other task is
+//! writing, writes the whole queue itself. At queue depth 1 that saves a cross-task wakeup
+//! per request; under load replies still go out in batches, because whoever is writing picks
+//! up every reply queued meanwhile.
 //! Backpressure: the reader takes a slot permit (and, for READ/WRITE, a byte-budget permit)
 //! before accepting a request; permits travel with the reply and are released only once it
 //! has been written, so a client that does not read its replies stops being read from.
@@ -17,12 +21,17 @@
 
 use std::io::IoSlice;
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Duration;
 
 use futures::FutureExt;
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::io::{
+    AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf,
+};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
@@ -81,10 +90,9 @@ pub(crate) async fn run<R, W>(
         min_block: sizes.minimum.max(1),
     });
     let max_in_flight = config.max_in_flight.max(1);
-    let (tx, rx) = mpsc::channel::<Outgoing>(max_in_flight);
-    // The writer cancels the connection if the socket fails, which stops the reader.
+    // The sink cancels the connection if the socket fails, which stops the reader.
     let conn = cancel.child_token();
-    let writer_task = tokio::spawn(write_loop(writer, rx, config.io_timeout, conn.clone()));
+    let sink = Arc::new(ReplySink::new(writer, config.io_timeout, conn.clone()));
 
     let slots = Arc::new(Semaphore::new(max_in_flight));
     let budget_units = (config.max_buffered_bytes / BUDGET_UNIT).clamp(1, u32::MAX as usize);
@@ -138,19 +146,17 @@ pub(crate) async fn run<R, W>(
                     message: format!("write of {} bytes exceeds the maximum", req.length),
                 };
                 let reply = ctx.encode(&req, Err(f));
-                let _ = tx.send(Outgoing { reply, _slot: slot, _bytes: None }).await;
+                sink.send(Outgoing { reply, _slot: slot, _bytes: None }).await;
                 break End::Violation(format!("oversized write of {} bytes", req.length));
             }
-            let mut buf = IoBuf::zeroed(req.length as usize);
-            match timeout(config.io_timeout, reader.read_exact(&mut buf)).await {
-                Ok(Ok(_)) => {}
+            match timeout(config.io_timeout, read_payload(&mut reader, req.length as usize)).await {
+                Ok(Ok(buf)) => payload = Some(buf),
                 Ok(Err(e)) => break End::Violation(format!("truncated write payload: {e}")),
                 Err(_) => break End::Violation("write payload timed out".into()),
             }
-            payload = Some(buf);
         }
         let ctx = Arc::clone(&ctx);
-        let tx = tx.clone();
+        let sink = Arc::clone(&sink);
         let stats = Arc::clone(&stats);
         tasks.spawn(async move {
             // A panic in the export must still answer this cookie, or the client waits forever.
@@ -166,8 +172,7 @@ pub(crate) async fn run<R, W>(
                 debug!(cookie = req.cookie, command = ?req.command, errno = f.errno, "{}", f.message);
             }
             let reply = ctx.encode(&req, result);
-            // A closed channel means the writer is gone; the client will not get the reply.
-            let _ = tx.send(Outgoing { reply, _slot: slot, _bytes: bytes }).await;
+            sink.send(Outgoing { reply, _slot: slot, _bytes: bytes }).await;
         });
         while let Some(done) = tasks.try_join_next() {
             log_join(done);
@@ -192,12 +197,38 @@ pub(crate) async fn run<R, W>(
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
     }
-    drop(tx);
     drop(ctx);
-    // The writer ends once every sender is gone and the queue is flushed.
-    if timeout(config.io_timeout + Duration::from_secs(1), writer_task).await.is_err() {
-        warn!("reply writer did not finish in time");
+    // An aborted task may have left a reply half written; then nothing more can be sent.
+    if drained.is_ok() {
+        sink.drain().await;
     }
+    sink.shutdown().await;
+}
+
+/// Reads a WRITE payload of `len` bytes into a fresh buffer without zeroing it first: the
+/// socket overwrites every byte, and zeroing a 1 MiB payload costs as much as receiving it.
+async fn read_payload<R: AsyncRead + Unpin>(reader: &mut R, len: usize) -> std::io::Result<IoBuf> {
+    // SAFETY: the loop below writes all of 0..len (through the uninitialised view, which never
+    // exposes uninitialised bytes as u8) before the buffer is returned; on error it is dropped
+    // unread.
+    let mut buf = unsafe { IoBuf::uninit(len) };
+    let mut filled = 0;
+    while filled < len {
+        let n = std::future::poll_fn(|cx| {
+            let mut rb = ReadBuf::uninit(&mut buf.as_uninit_mut()[filled..]);
+            match Pin::new(&mut *reader).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) => Poll::Ready(Ok(rb.filled().len())),
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        filled += n;
+    }
+    Ok(buf)
 }
 
 fn log_join(done: Result<(), tokio::task::JoinError>) {
@@ -208,39 +239,89 @@ fn log_join(done: Result<(), tokio::task::JoinError>) {
     }
 }
 
-/// Writes replies in batches: everything queued is gathered into one vectored write.
-async fn write_loop<W: AsyncWrite + Unpin>(
-    mut writer: W,
-    mut rx: mpsc::Receiver<Outgoing>,
+/// The connection's reply path, shared by every request task: a queue of finished replies and
+/// the socket, written by whichever task finds it free.
+struct ReplySink<W> {
+    queue: Mutex<Vec<Outgoing>>,
+    writer: tokio::sync::Mutex<W>,
     io_timeout: Duration,
+    /// Set once a write failed: later replies are dropped (their permits with them).
+    broken: AtomicBool,
     conn: CancellationToken,
-) {
-    let mut batch: Vec<Outgoing> = Vec::with_capacity(MAX_BATCH);
-    while let Some(first) = rx.recv().await {
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(m) => batch.push(m),
-                Err(_) => break,
-            }
+}
+
+impl<W: AsyncWrite + Unpin> ReplySink<W> {
+    fn new(writer: W, io_timeout: Duration, conn: CancellationToken) -> Self {
+        Self {
+            queue: Mutex::new(Vec::with_capacity(MAX_BATCH)),
+            writer: tokio::sync::Mutex::new(writer),
+            io_timeout,
+            broken: AtomicBool::new(false),
+            conn,
         }
-        let result = timeout(io_timeout, write_batch(&mut writer, &batch)).await;
-        batch.clear();
-        match result {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                debug!("reply write failed: {e}");
-                conn.cancel();
-                return;
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, Vec<Outgoing>> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues `out` and writes the queue unless another task is already writing it.
+    async fn send(&self, out: Outgoing) {
+        if self.broken.load(Ordering::Acquire) {
+            return;
+        }
+        self.queue().push(out);
+        self.drain().await;
+    }
+
+    /// Writes queued replies until the queue is empty or another task holds the socket.
+    ///
+    /// No reply is stranded: a task that queues while another writes fails `try_lock`, but the
+    /// writer looks at the queue again after unlocking and takes over if anything is left.
+    async fn drain(&self) {
+        loop {
+            let Ok(mut w) = self.writer.try_lock() else { return };
+            loop {
+                let batch: Vec<Outgoing> = {
+                    let mut q = self.queue();
+                    let n = q.len().min(MAX_BATCH);
+                    q.drain(..n).collect()
+                };
+                if batch.is_empty() {
+                    break;
+                }
+                let result = timeout(self.io_timeout, write_batch(&mut *w, &batch)).await;
+                drop(batch);
+                let failed = match result {
+                    Ok(Ok(())) => false,
+                    Ok(Err(e)) => {
+                        debug!("reply write failed: {e}");
+                        true
+                    }
+                    Err(_) => {
+                        warn!("reply write timed out; client is not reading");
+                        true
+                    }
+                };
+                if failed {
+                    self.broken.store(true, Ordering::Release);
+                    self.queue().clear();
+                    self.conn.cancel();
+                    return;
+                }
             }
-            Err(_) => {
-                warn!("reply write timed out; client is not reading");
-                conn.cancel();
+            drop(w);
+            if self.broken.load(Ordering::Acquire) || self.queue().is_empty() {
                 return;
             }
         }
     }
-    let _ = timeout(io_timeout, writer.shutdown()).await;
+
+    /// Ends the write side once every reply has been written.
+    async fn shutdown(&self) {
+        let mut w = self.writer.lock().await;
+        let _ = timeout(self.io_timeout, w.shutdown()).await;
+    }
 }
 
 async fn write_batch<W: AsyncWrite + Unpin>(w: &mut W, batch: &[Outgoing]) -> std::io::Result<()> {

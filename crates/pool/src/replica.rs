@@ -121,7 +121,9 @@ impl Replica {
         let ctx = Ctx { inner: &self.inner, id: self.id };
         let a = offset - offset % BLOCK;
         let b = (offset + u64::from(len)).div_ceil(BLOCK) * BLOCK;
-        let buf = ctx.read_span(a, IoBuf::zeroed((b - a) as usize)).await?;
+        // SAFETY: read_span writes every byte of the span (disk data or zeroes for holes)
+        // before returning Ok; on error the buffer is dropped unread.
+        let buf = ctx.read_span(a, unsafe { IoBuf::uninit((b - a) as usize) }).await?;
         if a == offset && b - a == u64::from(len) {
             return Ok(buf);
         }
@@ -260,7 +262,8 @@ impl Ctx<'_> {
         self.inner.sb.layout.cluster_offset(p) + within
     }
 
-    /// Reads the 4 KiB-aligned span starting at `a` into `buf` (whose length is the span).
+    /// Reads the 4 KiB-aligned span starting at `a` into `buf` (whose length is the span),
+    /// writing every byte of it: `buf` may come from [`IoBuf::uninit`].
     async fn read_span(&self, a: u64, mut buf: IoBuf) -> Result<IoBuf, PoolError> {
         // Clusters looked up below are not reused by anyone else until this read is done.
         let _fence = self.inner.reads.enter();
@@ -289,7 +292,8 @@ impl Ctx<'_> {
                 buf = b;
                 r.map_err(|e| dev_err("reading replica data", off, e))?;
             } else {
-                buf[(pos - a) as usize..(piece_end - a) as usize].fill(0);
+                buf.as_uninit_mut()[(pos - a) as usize..(piece_end - a) as usize]
+                    .fill(std::mem::MaybeUninit::new(0));
             }
             pos = piece_end;
         }

@@ -129,7 +129,12 @@ impl MemDev {
             return (buf, Err(io::Error::new(io::ErrorKind::UnexpectedEof, "out of range")));
         }
         if !write {
-            buf[buf_off..buf_off + len].copy_from_slice(&st.cur[o..o + len]);
+            // The buffer may be uninitialised (IoBuf::uninit): write it through that view.
+            for (d, s) in
+                buf.as_uninit_mut()[buf_off..buf_off + len].iter_mut().zip(&st.cur[o..o + len])
+            {
+                d.write(*s);
+            }
             return (buf, Ok(()));
         }
         if off < st.meta_end {

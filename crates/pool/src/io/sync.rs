@@ -38,6 +38,9 @@ impl SyncDev {
             let r = if write {
                 file.write_all_at(&buf[buf_off..end], off)
             } else {
+                // The buffer may be uninitialised (IoBuf::uninit): zero the target before
+                // handing it out as &mut [u8]. This is the fallback path; the cost is fine.
+                buf.as_uninit_mut()[buf_off..end].fill(std::mem::MaybeUninit::new(0));
                 file.read_exact_at(&mut buf[buf_off..end], off)
             };
             (buf, r)

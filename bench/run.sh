@@ -57,7 +57,8 @@ for _ in $(seq 120); do
 done
 cli volume create bench --size "$size" >/dev/null
 uri=$(cli volume publish bench)
-engine_pid=$(pgrep -f -- "engine --node-id node-1" | head -1)
+# The engine this run started (never another cluster's on a shared machine).
+engine_pid=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["nodes"][0]["pid"])' "$dir/up/up.json")
 
 # Peer files of the same size, fully written.
 for f in qemu.img nbdkit.img raw.img; do

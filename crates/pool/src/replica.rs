@@ -219,7 +219,6 @@ impl Replica {
     }
 }
 
-/// What a lookup of one virtual cluster found.
 /// What `allocate` did with the caller's buffer.
 enum Allocated {
     /// The data is in a fresh cluster now mapped at `v`.
@@ -228,6 +227,7 @@ enum Allocated {
     Raced(IoBuf),
 }
 
+/// What a lookup of one virtual cluster found.
 enum Lookup {
     Hole,
     /// Mapped, and only this replica references it: write in place.

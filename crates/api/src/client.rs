@@ -54,11 +54,8 @@ impl Client {
     /// `address` is a URL (`http://host:port`) or `host:port`.
     pub fn new(address: &str, token: Option<String>) -> Result<Self, ClientError> {
         let address = address.trim().trim_end_matches('/');
-        let base = if address.contains("://") {
-            address.to_owned()
-        } else {
-            format!("http://{address}")
-        };
+        let base =
+            if address.contains("://") { address.to_owned() } else { format!("http://{address}") };
         if !(base.starts_with("http://") || base.starts_with("https://")) || base.len() < 10 {
             return Err(ClientError::InvalidAddress(address.to_owned()));
         }
@@ -191,7 +188,11 @@ impl Client {
     }
 
     /// Publishes the volume (creates its nexus) and returns it with `status.target.uri` set.
-    pub async fn publish_volume(&self, id: &str, body: &PublishBody) -> Result<Volume, ClientError> {
+    pub async fn publish_volume(
+        &self,
+        id: &str,
+        body: &PublishBody,
+    ) -> Result<Volume, ClientError> {
         self.call(Method::PUT, &format!("/v1/volumes/{}/target", seg(id)), Some(body)).await
     }
 
@@ -254,7 +255,10 @@ mod tests {
 
     #[test]
     fn addresses() {
-        assert_eq!(Client::new("127.0.0.1:7480", None).unwrap().base_url(), "http://127.0.0.1:7480");
+        assert_eq!(
+            Client::new("127.0.0.1:7480", None).unwrap().base_url(),
+            "http://127.0.0.1:7480"
+        );
         assert_eq!(
             Client::new("http://localhost:7480/", None).unwrap().base_url(),
             "http://localhost:7480"

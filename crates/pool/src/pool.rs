@@ -60,8 +60,9 @@ async fn open_backend(disk: &Path) -> Result<Backend, PoolError> {
     let mut logged = false;
     loop {
         match Backend::open(disk) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
-                && tokio::time::Instant::now() < deadline =>
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    && tokio::time::Instant::now() < deadline =>
             {
                 if !logged {
                     tracing::warn!(disk = %disk.display(), "pool disk is locked; waiting for its previous owner to let go");

@@ -121,7 +121,9 @@ async fn run(command: Command) -> ExitCode {
         Command::Up(args) => trireme_up::run(args, shutdown).await,
         Command::Control(args) => trireme_control::run(args, shutdown).await,
         Command::Engine(args) => trireme_engine::run(args, shutdown).await,
-        Command::Csi(CsiCommand::Controller(args)) => trireme_csi::run_controller(args, shutdown).await,
+        Command::Csi(CsiCommand::Controller(args)) => {
+            trireme_csi::run_controller(args, shutdown).await
+        }
         Command::Csi(CsiCommand::Node(args)) => trireme_csi::run_node(args, shutdown).await,
         Command::Client(cmd) => {
             return match trireme_cli::run(cmd, shutdown).await {

@@ -42,7 +42,8 @@ impl Name {
         if name.len() > Self::MAX_LEN {
             return Err(IdError::TooLong { name, max: Self::MAX_LEN });
         }
-        let ok_first = name.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+        let ok_first =
+            name.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
         let ok_rest = name
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.'));

@@ -8,7 +8,17 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 #[derive(
-    Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, utoipa::ToSchema,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
 )]
 #[serde(transparent)]
 #[schema(value_type = u64, example = 1073741824)]
@@ -17,7 +27,9 @@ pub struct ByteSize(u64);
 /// Why a string is not a size.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ByteSizeError {
-    #[error("{input:?} is not a size: expected a number with an optional suffix B, KiB, MiB, GiB or TiB")]
+    #[error(
+        "{input:?} is not a size: expected a number with an optional suffix B, KiB, MiB, GiB or TiB"
+    )]
     Invalid { input: String },
     #[error("{input:?} is too large")]
     Overflow { input: String },
@@ -101,7 +113,8 @@ impl FromStr for ByteSize {
         if digits.is_empty() {
             return Err(invalid());
         }
-        let n: u64 = digits.parse().map_err(|_| ByteSizeError::Overflow { input: input.to_owned() })?;
+        let n: u64 =
+            digits.parse().map_err(|_| ByteSizeError::Overflow { input: input.to_owned() })?;
         let unit = match suffix.trim() {
             "" | "B" => 1,
             "K" | "KiB" => Self::KIB,
@@ -110,7 +123,9 @@ impl FromStr for ByteSize {
             "T" | "TiB" => Self::TIB,
             _ => return Err(invalid()),
         };
-        n.checked_mul(unit).map(Self).ok_or_else(|| ByteSizeError::Overflow { input: input.to_owned() })
+        n.checked_mul(unit)
+            .map(Self)
+            .ok_or_else(|| ByteSizeError::Overflow { input: input.to_owned() })
     }
 }
 
@@ -154,7 +169,10 @@ mod tests {
         assert!("GiB".parse::<ByteSize>().is_err());
         assert!("10GB".parse::<ByteSize>().is_err());
         assert!("-1".parse::<ByteSize>().is_err());
-        assert!(matches!("99999999999TiB".parse::<ByteSize>(), Err(ByteSizeError::Overflow { .. })));
+        assert!(matches!(
+            "99999999999TiB".parse::<ByteSize>(),
+            Err(ByteSizeError::Overflow { .. })
+        ));
     }
 
     #[test]

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Installs the real programs the tests drive: NBD clients (libnbd-bin, nbdfuse), fio (with its nbd
+# Installs the real programs the tests drive: NBD clients (libnbd-bin, which has nbdfuse), fio (with its nbd
 # engine), qemu-img/qemu-io/qemu-nbd, nbdkit, file system tools, FUSE, loop devices, iproute2.
 # Idempotent: installs only what is missing. Needs root (or sudo) and Debian's package registry.
 set -euo pipefail
 
-packages=(fio libnbd-bin nbdfuse nbdkit qemu-utils e2fsprogs xfsprogs fuse3 util-linux iproute2 procps psmisc)
+packages=(fio libnbd-bin nbdkit qemu-utils e2fsprogs xfsprogs fuse3 util-linux iproute2 procps psmisc)
 
 missing=()
 for p in "${packages[@]}"; do

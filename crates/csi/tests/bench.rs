@@ -2,7 +2,7 @@
 //! stage with mkfs, publish, write + fsync a file), median of 20. A benchmark, not a test:
 //!
 //! ```text
-//! TRIREME_BIN=<target>/debug/trireme cargo test -p trireme-csi --release --test bench -- --ignored --nocapture
+//! bench/csi.sh
 //! ```
 
 #![allow(clippy::unwrap_used)]

@@ -117,6 +117,12 @@ pub struct VolumeStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<Target>,
     pub replicas: Vec<Replica>,
+    /// Membership generation: bumped each time the set of healthy replicas changes.
+    #[serde(default)]
+    pub generation: u64,
+    /// Why the volume is not online, in one sentence (e.g. which replica it waits for).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// A volume's nexus as last observed on its node.
@@ -135,6 +141,33 @@ pub struct Child {
     pub replica: ReplicaId,
     pub uri: String,
     pub state: ChildState,
+    /// The last rebuild of this child that finished, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rebuild: Option<RebuildInfo>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RebuildKind {
+    /// Only the regions written while the child was out were copied.
+    Partial,
+    /// Every allocated region was copied.
+    Full,
+}
+
+/// A finished rebuild: what it copied and how long it took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RebuildInfo {
+    pub kind: RebuildKind,
+    pub copied: ByteSize,
+    pub duration_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetReplicasBody {
+    /// The number of replicas the volume should have (1 up to the number of nodes).
+    pub replicas: u8,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -200,6 +233,12 @@ pub struct ReplicaStatus {
     /// The replica's state as a child of the volume's nexus, when published.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub child: Option<ChildState>,
+    /// The membership generation this replica last recorded.
+    #[serde(default)]
+    pub generation: u64,
+    /// The last rebuild of this replica that finished, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rebuild: Option<RebuildInfo>,
 }
 
 // ---------------------------------------------------------------- events

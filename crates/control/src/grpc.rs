@@ -60,4 +60,18 @@ impl rpc::registry_server::Registry for RegistryService {
         let known = self.registry.heartbeat(&id).await;
         Ok(Response::new(rpc::HeartbeatReply { known }))
     }
+
+    async fn record_children(
+        &self,
+        _: Request<rpc::RecordChildrenRequest>,
+    ) -> Result<Response<rpc::RecordChildrenReply>, Status> {
+        Err(Status::unimplemented("RecordChildren is not available yet"))
+    }
+
+    async fn mark_dirty(
+        &self,
+        _: Request<rpc::MarkDirtyRequest>,
+    ) -> Result<Response<rpc::Empty>, Status> {
+        Err(Status::unimplemented("MarkDirty is not available yet"))
+    }
 }

@@ -145,6 +145,7 @@ async fn orphans_are_destroyed_and_unknown_replicas_kept() {
                 thin: true,
                 allocated_bytes: 0,
                 volume_uuid: VolumeId::new_random().to_string(),
+                ..Default::default()
             },
         );
         st.nexuses.insert(

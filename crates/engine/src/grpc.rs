@@ -169,6 +169,7 @@ fn replica_reply(pool: &PoolId, r: &ReplicaInfo) -> rpc::Replica {
         thin: r.thin,
         allocated_bytes: r.allocated.bytes(),
         volume_uuid: r.meta.volume.map(|v| v.to_string()).unwrap_or_default(),
+        ..Default::default()
     }
 }
 
@@ -208,6 +209,7 @@ fn nexus_reply(engine: &Engine, n: &Nexus) -> rpc::Nexus {
             NexusState::Faulted => rpc::NexusState::Faulted,
         } as i32,
         share_uri: engine.share_uri(n.volume()),
+        ..Default::default()
     }
 }
 
@@ -371,6 +373,21 @@ impl rpc::engine_server::Engine for EngineService {
             self.engine.list_nexuses().iter().map(|n| nexus_reply(&self.engine, n)).collect();
         Ok(Response::new(rpc::ListNexusesReply { nexuses }))
     }
+
+    async fn add_child(&self, _: Request<rpc::AddChildRequest>) -> Reply<rpc::Nexus> {
+        Err(Status::unimplemented("AddChild is not available yet"))
+    }
+
+    async fn remove_child(&self, _: Request<rpc::RemoveChildRequest>) -> Reply<rpc::Nexus> {
+        Err(Status::unimplemented("RemoveChild is not available yet"))
+    }
+
+    async fn set_replica_generation(
+        &self,
+        _: Request<rpc::SetReplicaGenerationRequest>,
+    ) -> Reply<rpc::Replica> {
+        Err(Status::unimplemented("SetReplicaGeneration is not available yet"))
+    }
 }
 
 #[cfg(test)]
@@ -390,7 +407,7 @@ mod tests {
         assert_eq!(parse_cluster_size(0).unwrap(), DEFAULT_CLUSTER_SIZE);
         assert!(parse_cluster_size(3 << 20).is_err());
         let id = trireme_types::ReplicaId::new_random();
-        let spec = |uri: &str, r: &str| rpc::ChildSpec { uri: uri.into(), replica_uuid: r.into() };
+        let spec = |uri: &str, r: &str| rpc::ChildSpec { uri: uri.into(), replica_uuid: r.into(), ..Default::default() };
         assert_eq!(parse_child(&spec("", &id.to_string())).unwrap(), ChildUri::Local(id));
         assert_eq!(
             parse_child(&spec(&format!("replica:///{id}"), "")).unwrap(),

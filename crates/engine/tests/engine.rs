@@ -51,6 +51,20 @@ impl rpc::registry_server::Registry for Svc {
         self.0.heartbeats.fetch_add(1, Ordering::SeqCst);
         Ok(Response::new(rpc::HeartbeatReply { known: !self.0.forget.load(Ordering::SeqCst) }))
     }
+    async fn record_children(
+        &self,
+        req: Request<rpc::RecordChildrenRequest>,
+    ) -> Result<Response<rpc::RecordChildrenReply>, Status> {
+        let _ = req;
+        Ok(Response::new(rpc::RecordChildrenReply { generation: 1 }))
+    }
+
+    async fn mark_dirty(
+        &self,
+        _: Request<rpc::MarkDirtyRequest>,
+    ) -> Result<Response<rpc::Empty>, Status> {
+        Ok(Response::new(rpc::Empty {}))
+    }
 }
 
 async fn start_registry() -> (Arc<FakeRegistry>, SocketAddr, CancellationToken) {
@@ -183,7 +197,9 @@ fn nexus_req(volume: &str, size: u64, replica: &str) -> rpc::CreateNexusRequest 
         children: vec![rpc::ChildSpec {
             uri: format!("replica:///{replica}"),
             replica_uuid: replica.into(),
+            ..Default::default()
         }],
+        ..Default::default()
     }
 }
 
@@ -511,6 +527,7 @@ async fn bad_requests_get_clear_status_codes() {
     remote.children[0] = rpc::ChildSpec {
         uri: "nbd://10.0.0.1:10809/replica-x".into(),
         replica_uuid: String::new(),
+        ..Default::default()
     };
     assert_eq!(code(c.create_nexus(remote).await), Code::Unimplemented);
     let resize_nexus = rpc::ResizeNexusRequest { volume_uuid: vol.clone(), size_bytes: 4 * MIB };

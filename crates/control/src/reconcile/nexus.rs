@@ -126,13 +126,18 @@ async fn create_nexus(reg: &Registry, id: VolumeId, lost: bool) -> Result<(), cr
         .replicas
         .iter()
         .filter(|r| r.node == node)
-        .map(|r| rpc::ChildSpec { uri: replica_uri(r), replica_uuid: r.id.to_string() })
+        .map(|r| rpc::ChildSpec {
+            uri: replica_uri(r),
+            replica_uuid: r.id.to_string(),
+            ..Default::default()
+        })
         .collect();
     let mut client = reg.engines.client(&node, &endpoint)?;
     let req = rpc::CreateNexusRequest {
         volume_uuid: id.to_string(),
         size_bytes: record.size.bytes(),
         children,
+        ..Default::default()
     };
     let nexus = match reg.engines.call(&node, "CreateNexus", client.create_nexus(req)).await {
         Ok(n) => n,

@@ -137,7 +137,7 @@ pub fn replica(st: &State, v: &VolumeRecord, r: &ReplicaRecord) -> Replica {
         node: r.node.clone(),
         size,
         thin: v.thin,
-        status: ReplicaStatus { state, allocated, child },
+        status: ReplicaStatus { state, allocated, child, generation: 0, last_rebuild: None },
     }
 }
 
@@ -156,6 +156,7 @@ pub fn volume(st: &State, v: &VolumeRecord) -> Volume {
                         replica: c.replica_uuid.parse().ok()?,
                         uri: c.uri.clone(),
                         state: child_state(c),
+                        last_rebuild: None,
                     })
                 })
                 .collect(),
@@ -179,6 +180,8 @@ pub fn volume(st: &State, v: &VolumeRecord) -> Volume {
             state,
             target,
             replicas: v.replicas.iter().map(|r| replica(st, v, r)).collect(),
+            generation: 0,
+            message: None,
         },
     }
 }
@@ -248,6 +251,7 @@ mod tests {
             // Unspecified: derived from the children.
             state: 0,
             share_uri: "nbd://h:1/x".into(),
+            ..Default::default()
         };
         let mut obs = Observation::default();
         obs.nexuses.insert(v.id, nexus);

@@ -112,6 +112,7 @@ impl rpc::engine_server::Engine for FakeEngine {
             thin: r.thin,
             allocated_bytes: if r.thin { 0 } else { r.size_bytes },
             volume_uuid: r.volume_uuid,
+            ..Default::default()
         };
         st.replicas.insert(r.uuid, rep.clone());
         Ok(Response::new(rep))
@@ -189,6 +190,8 @@ impl rpc::engine_server::Engine for FakeEngine {
                 .collect(),
             state: rpc::NexusState::Online as i32,
             share_uri: format!("nbd://127.0.0.1:10809/{}", r.volume_uuid),
+            epoch: r.epoch,
+            ..Default::default()
         };
         st.nexuses.insert(r.volume_uuid, nexus.clone());
         Ok(Response::new(nexus))
@@ -219,6 +222,24 @@ impl rpc::engine_server::Engine for FakeEngine {
         Ok(Response::new(rpc::ListNexusesReply {
             nexuses: self.state.lock().nexuses.values().cloned().collect(),
         }))
+    }
+    async fn add_child(
+        &self,
+        _: Request<rpc::AddChildRequest>,
+    ) -> Result<Response<rpc::Nexus>, Status> {
+        Err(Status::unimplemented("fake engine: AddChild"))
+    }
+    async fn remove_child(
+        &self,
+        _: Request<rpc::RemoveChildRequest>,
+    ) -> Result<Response<rpc::Nexus>, Status> {
+        Err(Status::unimplemented("fake engine: RemoveChild"))
+    }
+    async fn set_replica_generation(
+        &self,
+        _: Request<rpc::SetReplicaGenerationRequest>,
+    ) -> Result<Response<rpc::Replica>, Status> {
+        Err(Status::unimplemented("fake engine: SetReplicaGeneration"))
     }
 }
 

@@ -77,6 +77,8 @@ mod tests {
                 state: ReplicaState::Online,
                 allocated: ByteSize::ZERO,
                 child: Some(ChildState::Faulted { reason: FaultReason::Timeout }),
+                generation: 0,
+                last_rebuild: None,
             },
         };
         let t = output::list(&[r], Output::Table).unwrap();

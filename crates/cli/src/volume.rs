@@ -176,6 +176,8 @@ mod tests {
                     children: vec![],
                 }),
                 replicas: vec![],
+                generation: 0,
+                message: None,
             },
         }
     }

@@ -182,7 +182,13 @@ async fn create_volume(State(app): State<App>, Json(body): Json<CreateVolumeBody
             thin: body.thin,
             publish: None,
         },
-        status: VolumeStatus { state: VolumeState::Unknown, target: None, replicas: vec![] },
+        status: VolumeStatus {
+            state: VolumeState::Unknown,
+            target: None,
+            replicas: vec![],
+            generation: 0,
+            message: None,
+        },
     };
     inner.volumes.insert(id, Vol { v: v.clone(), file, nbdkit: None });
     (StatusCode::CREATED, Json(v)).into_response()

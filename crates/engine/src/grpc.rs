@@ -407,7 +407,11 @@ mod tests {
         assert_eq!(parse_cluster_size(0).unwrap(), DEFAULT_CLUSTER_SIZE);
         assert!(parse_cluster_size(3 << 20).is_err());
         let id = trireme_types::ReplicaId::new_random();
-        let spec = |uri: &str, r: &str| rpc::ChildSpec { uri: uri.into(), replica_uuid: r.into(), ..Default::default() };
+        let spec = |uri: &str, r: &str| rpc::ChildSpec {
+            uri: uri.into(),
+            replica_uuid: r.into(),
+            ..Default::default()
+        };
         assert_eq!(parse_child(&spec("", &id.to_string())).unwrap(), ChildUri::Local(id));
         assert_eq!(
             parse_child(&spec(&format!("replica:///{id}"), "")).unwrap(),

@@ -71,6 +71,10 @@ pub enum ChildError {
     Timeout,
     #[error("the connection to the child was lost")]
     Disconnected,
+    /// The replica was claimed by a newer nexus of its volume (a higher epoch): the nexus that
+    /// sees this is stale and must stop serving; the child itself is fine.
+    #[error("fenced: the replica belongs to a newer nexus ({0})")]
+    Fenced(String),
 }
 
 impl ChildError {
@@ -80,7 +84,7 @@ impl ChildError {
             Self::Io(_) | Self::NoSpace => FaultReason::IoError,
             Self::Gone => FaultReason::Missing,
             Self::Timeout => FaultReason::Timeout,
-            Self::Disconnected => FaultReason::Disconnected,
+            Self::Disconnected | Self::Fenced(_) => FaultReason::Disconnected,
         }
     }
 }

@@ -28,6 +28,7 @@
 //! the write that caused it is acknowledged; remote children implement [`Child`] over NBD.
 
 mod child;
+pub mod recorder;
 mod state;
 #[cfg(test)]
 pub(crate) mod testing;

@@ -145,6 +145,26 @@ impl Client {
         self.get(&format!("/v1/nodes/{}", seg(id))).await
     }
 
+    /// Takes no new replicas or nexuses on the node; returns it `cordoned`.
+    pub async fn cordon_node(&self, id: &str) -> Result<Node, ClientError> {
+        self.node_op(id, "cordon").await
+    }
+
+    /// Undoes a cordon (and stops a drain); returns the node.
+    pub async fn uncordon_node(&self, id: &str) -> Result<Node, ClientError> {
+        self.node_op(id, "uncordon").await
+    }
+
+    /// Cordons the node and moves its replicas and nexuses away; returns it `draining` (it
+    /// shows `cordoned` once nothing is left on it).
+    pub async fn drain_node(&self, id: &str) -> Result<Node, ClientError> {
+        self.node_op(id, "drain").await
+    }
+
+    async fn node_op(&self, id: &str, op: &str) -> Result<Node, ClientError> {
+        self.call::<(), Node>(Method::POST, &format!("/v1/nodes/{}/{op}", seg(id)), None).await
+    }
+
     // ------------------------------------------------------------ pools
 
     pub async fn pools(&self) -> Result<Vec<Pool>, ClientError> {
@@ -185,6 +205,12 @@ impl Client {
     pub async fn resize_volume(&self, id: &str, size: ByteSize) -> Result<Volume, ClientError> {
         let body = ResizeVolumeBody { size };
         self.call(Method::POST, &format!("/v1/volumes/{}/resize", seg(id)), Some(&body)).await
+    }
+
+    /// Grows or shrinks the number of replicas the volume keeps; returns the volume.
+    pub async fn set_replicas(&self, id: &str, replicas: u8) -> Result<Volume, ClientError> {
+        let body = SetReplicasBody { replicas };
+        self.call(Method::POST, &format!("/v1/volumes/{}/set-replicas", seg(id)), Some(&body)).await
     }
 
     /// Publishes the volume (creates its nexus) and returns it with `status.target.uri` set.
@@ -250,6 +276,7 @@ fn seg(s: &str) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

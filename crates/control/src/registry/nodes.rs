@@ -2,6 +2,11 @@
 //! `online` while heartbeats arrive and `offline` once none came for the node timeout.
 //! Registration is persisted (so a restarted control recognises heartbeats); liveness is not.
 
+// The operator's node and volume operations live beside liveness (`registry/ops.rs`);
+// declared here so that the registry's module list stays as it is.
+#[path = "ops.rs"]
+pub mod ops;
+
 use std::time::Instant;
 
 use trireme_types::NodeId;
@@ -29,6 +34,9 @@ impl Registry {
         nbd_endpoint: String,
         engine_version: String,
     ) -> Result<(), ControlError> {
+        // Under the node-write lock: the flags read here must not be lost to a cordon or
+        // drain that lands between this read and the write below.
+        let writes = ops::NODE_WRITES.lock().await;
         let existing = self.state.read().nodes.get(&id).map(|n| n.record.clone());
         let record = NodeRecord {
             version: RECORD_VERSION,
@@ -53,6 +61,7 @@ impl Registry {
             entry.record = record.clone();
             Self::mark_seen(entry)
         };
+        drop(writes);
         if existing.is_none() {
             self.events
                 .record(

@@ -6,7 +6,9 @@ use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Path, Request};
 use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
-use trireme_api::{CreatePoolBody, CreateVolumeBody, PublishBody, ResizeVolumeBody};
+use trireme_api::{
+    CreatePoolBody, CreateVolumeBody, PublishBody, ResizeVolumeBody, SetReplicasBody,
+};
 
 use crate::ControlError;
 
@@ -26,6 +28,9 @@ impl KnownFields for CreateVolumeBody {
 }
 impl KnownFields for ResizeVolumeBody {
     const FIELDS: &'static [&'static str] = &["size"];
+}
+impl KnownFields for SetReplicasBody {
+    const FIELDS: &'static [&'static str] = &["replicas"];
 }
 impl KnownFields for PublishBody {
     const FIELDS: &'static [&'static str] = &["node"];
@@ -105,6 +110,11 @@ mod tests {
         assert!(e.to_string().contains("size"), "{e}");
         let e = parse_body::<CreateVolumeBody>(b"[1]").unwrap_err();
         assert_eq!(e.status(), 400);
+        let s: SetReplicasBody = parse_body(br#"{"replicas":3}"#).unwrap();
+        assert_eq!(s.replicas, 3);
+        let e = parse_body::<SetReplicasBody>(br#"{"replica":3}"#).unwrap_err();
+        assert!(e.to_string().contains("replica"), "{e}");
+        assert_eq!(parse_body::<SetReplicasBody>(b"").unwrap_err().status(), 400);
         let p: PublishBody = parse_body(b"").unwrap();
         assert_eq!(p.node, None);
     }

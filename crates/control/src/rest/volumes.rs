@@ -3,7 +3,9 @@
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
-use trireme_api::{CreateVolumeBody, Problem, PublishBody, Replica, ResizeVolumeBody, Volume};
+use trireme_api::{
+    CreateVolumeBody, Problem, PublishBody, Replica, ResizeVolumeBody, SetReplicasBody, Volume,
+};
 
 use super::AppState;
 use super::extract::{Body, Id};
@@ -59,6 +61,25 @@ pub async fn resize_volume(
     Body(body): Body<ResizeVolumeBody>,
 ) -> Result<Json<Volume>, ControlError> {
     app.registry.resize_volume(&id, body.size).await.map(Json)
+}
+
+/// Sets how many replicas the volume keeps: growing places new replicas on other nodes (each
+/// rebuilt in full while the volume stays online); shrinking removes faulted, then rebuilding,
+/// then remote online replicas, never the last online one.
+#[utoipa::path(post, path = "/v1/volumes/{id}/set-replicas", tag = "volumes", request_body = SetReplicasBody,
+    params(("id" = String, Path, description = "volume UUID or name")),
+    responses((status = 200, body = Volume), (status = 403, body = Problem, content_type = "application/problem+json"),
+        (status = 404, body = Problem, content_type = "application/problem+json"),
+        (status = 409, body = Problem, content_type = "application/problem+json"),
+        (status = 422, body = Problem, content_type = "application/problem+json",
+            description = "0 replicas, or more than there are nodes able to hold one"),
+        (status = 507, body = Problem, content_type = "application/problem+json", description = "no pool has room")))]
+pub async fn set_replicas(
+    State(app): State<AppState>,
+    Id(id): Id,
+    Body(body): Body<SetReplicasBody>,
+) -> Result<Json<Volume>, ControlError> {
+    app.registry.set_replicas(&id, body.replicas).await.map(Json)
 }
 
 /// Publishes the volume and waits (up to 30 s) for its nexus; answers with `status.target.uri`.

@@ -81,6 +81,24 @@ pub fn or_dash(value: Option<String>) -> String {
     value.filter(|v| !v.is_empty()).unwrap_or_else(|| "-".to_owned())
 }
 
+/// A byte count for people: exact sizes as they parse (`1GiB`, `4097B`), others to one decimal
+/// of their largest unit (`1.5GiB`, `12.3MiB`), for progress that is rarely a round number.
+pub fn human(bytes: u64) -> String {
+    const UNITS: [(u64, &str); 4] =
+        [(1 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
+    for (unit, name) in UNITS {
+        if bytes >= unit {
+            if bytes.is_multiple_of(unit) {
+                return format!("{}{name}", bytes / unit);
+            }
+            // Tenths, rounded down, in integers so that 1.99 never prints as 2.0.
+            let tenths = u128::from(bytes) * 10 / u128::from(unit);
+            return format!("{}.{}{name}", tenths / 10, tenths % 10);
+        }
+    }
+    format!("{bytes}B")
+}
+
 /// Writes `text` and a newline to stdout. A closed pipe (`trireme … | head`) is not an error.
 pub fn emit(text: &str) -> Result<(), CliError> {
     if text.is_empty() {
@@ -185,5 +203,15 @@ mod tests {
         assert_eq!(or_dash(Some(String::new())), "-");
         assert_eq!(or_dash(Some("x".into())), "x");
         assert_eq!(wire_name(&trireme_api::PoolState::Online), "online");
+    }
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(human(0), "0B");
+        assert_eq!(human(1023), "1023B");
+        assert_eq!(human(1 << 30), "1GiB");
+        assert_eq!(human(3 << 29), "1.5GiB");
+        assert_eq!(human((2 << 20) - 1), "1.9MiB");
+        assert_eq!(human(5 << 40), "5TiB");
     }
 }

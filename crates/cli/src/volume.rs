@@ -8,6 +8,7 @@ use trireme_types::{ByteSize, Name, NodeId};
 
 use crate::output::{self, Output, Tabular, emit};
 use crate::pool::deleted;
+use crate::replica;
 use crate::{CliError, Ctx, GlobalOpts};
 
 /// How long `publish` waits for control to report the NBD URI if its answer lacks it.
@@ -54,8 +55,13 @@ pub enum VolumeCommand {
         #[arg(long)]
         size: ByteSize,
     },
-    /// Change how many replicas a volume keeps (not available yet).
-    SetReplicas { volume: Name, replicas: u8 },
+    /// Change how many replicas a volume keeps: new ones are rebuilt while it stays online;
+    /// removing prefers faulted, then rebuilding, then remote replicas.
+    SetReplicas {
+        volume: Name,
+        /// How many replicas to keep (1 up to the number of nodes able to hold one).
+        replicas: u8,
+    },
     /// Make a volume reachable over NBD; prints its nbd:// URI.
     Publish {
         volume: Name,
@@ -91,7 +97,7 @@ pub(crate) async fn run(args: VolumeArgs) -> Result<(), CliError> {
         }
         VolumeCommand::Get { volume } => {
             let volume = ctx.client.volume(volume.as_str()).await.map_err(fail)?;
-            emit(&output::one(&volume, ctx.output)?)
+            emit(&detail(&volume, ctx.output)?)
         }
         VolumeCommand::Create { from_snapshot: Some(_), .. } => {
             Err(CliError::NotAvailable("volume create --from-snapshot"))
@@ -109,7 +115,10 @@ pub(crate) async fn run(args: VolumeArgs) -> Result<(), CliError> {
             let volume = ctx.client.resize_volume(volume.as_str(), size).await.map_err(fail)?;
             emit(&output::one(&volume, ctx.output)?)
         }
-        VolumeCommand::SetReplicas { .. } => Err(CliError::NotAvailable("volume set-replicas")),
+        VolumeCommand::SetReplicas { volume, replicas } => {
+            let volume = ctx.client.set_replicas(volume.as_str(), replicas).await.map_err(fail)?;
+            emit(&detail(&volume, ctx.output)?)
+        }
         VolumeCommand::Publish { volume, node } => {
             let body = PublishBody { node };
             let published =
@@ -125,6 +134,41 @@ pub(crate) async fn run(args: VolumeArgs) -> Result<(), CliError> {
             })
         }
     }
+}
+
+/// One volume in full: in table mode its row, then one row per replica (where it lives, its
+/// state as a child of the nexus, its generation, rebuild progress and last rebuild), then why
+/// it is not online if control says.
+fn detail(volume: &Volume, format: Output) -> Result<String, CliError> {
+    if format != Output::Table {
+        return output::one(volume, format);
+    }
+    let mut out = output::one(volume, format)?;
+    let children = volume.status.target.as_ref().map(|t| t.children.as_slice()).unwrap_or(&[]);
+    let rows = volume.status.replicas.iter().map(|r| {
+        let child = children.iter().find(|c| c.replica == r.id);
+        vec![
+            r.id.to_string(),
+            r.node.to_string(),
+            r.pool.to_string(),
+            output::wire_name(&r.status.state),
+            replica::child_state(r.status.child.or(child.map(|c| c.state))),
+            r.status.generation.to_string(),
+            replica::rebuild_progress(r.status.child.or(child.map(|c| c.state))),
+            replica::last_rebuild(
+                r.status.last_rebuild.as_ref().or(child.and_then(|c| c.last_rebuild.as_ref())),
+            ),
+        ]
+    });
+    out.push_str("\n\n");
+    out.push_str(&output::table(
+        &["REPLICA", "NODE", "POOL", "STATE", "CHILD", "GENERATION", "REBUILD", "LAST-REBUILD"],
+        rows,
+    ));
+    if let Some(message) = &volume.status.message {
+        out.push_str(&format!("\n\n{message}"));
+    }
+    Ok(out)
 }
 
 /// Control answers publish once the nexus is up, with its URI; should an answer lack it (the
@@ -200,6 +244,72 @@ mod tests {
         );
         let t = output::one(&volume(None), Output::Table).unwrap();
         assert!(t.lines().nth(1).unwrap().trim_end().ends_with(" -"), "{t}");
+    }
+
+    #[test]
+    fn get_shows_each_replica_with_its_child_state_and_rebuilds() {
+        use trireme_api::{Child, RebuildInfo, RebuildKind, Replica, ReplicaState, ReplicaStatus};
+        use trireme_types::{ChildState, PoolId, ReplicaId};
+        let mut v = volume(Some("nbd://127.0.0.1:7493/x"));
+        v.spec.replicas = 2;
+        v.status.state = VolumeState::Degraded;
+        v.status.message = Some("replica r2 is rebuilding".into());
+        let replica = |n: u128, node: &str, child: ChildState| Replica {
+            id: ReplicaId::from_uuid(uuid::Uuid::from_u128(n)),
+            volume: v.id,
+            pool: PoolId::new(format!("pool-{n}")).unwrap(),
+            node: NodeId::new(node).unwrap(),
+            size: ByteSize::gib(1),
+            thin: false,
+            status: ReplicaStatus {
+                state: ReplicaState::Online,
+                allocated: ByteSize::gib(1),
+                child: Some(child),
+                generation: 4,
+                last_rebuild: None,
+            },
+        };
+        let rebuilding = ChildState::Rebuilding { done_bytes: 256 << 20, total_bytes: 1 << 30 };
+        v.status.replicas =
+            vec![replica(1, "node-1", ChildState::Online), replica(2, "node-2", rebuilding)];
+        // The last rebuild as the nexus reports it, when the replica's status lacks it.
+        if let Some(t) = v.status.target.as_mut() {
+            t.children.push(Child {
+                replica: v.status.replicas[0].id,
+                uri: "replica:///1".into(),
+                state: ChildState::Online,
+                last_rebuild: Some(RebuildInfo {
+                    kind: RebuildKind::Full,
+                    copied: ByteSize::mib(1536),
+                    duration_ms: 2300,
+                }),
+            });
+        }
+        let t = detail(&v, Output::Table).unwrap();
+        let lines: Vec<Vec<&str>> = t.lines().map(|l| l.split_whitespace().collect()).collect();
+        assert_eq!(lines[1][4], "degraded", "{t}");
+        assert!(lines[2].is_empty(), "{t}");
+        assert_eq!(
+            lines[3],
+            ["REPLICA", "NODE", "POOL", "STATE", "CHILD", "GENERATION", "REBUILD", "LAST-REBUILD"]
+        );
+        assert_eq!(
+            lines[4][1..],
+            ["node-1", "pool-1", "online", "online", "4", "-", "full:1.5GiB/2300ms"],
+            "{t}"
+        );
+        assert_eq!(
+            lines[5][1..],
+            ["node-2", "pool-2", "online", "rebuilding", "4", "256MiB/1GiB", "(25%)", "-"],
+            "{t}"
+        );
+        assert_eq!(t.lines().last(), Some("replica r2 is rebuilding"));
+        // JSON stays the resource itself.
+        let j: serde_json::Value =
+            serde_json::from_str(&detail(&v, Output::Json).unwrap()).unwrap();
+        assert_eq!(j["status"]["replicas"][1]["status"]["child"]["state"], "rebuilding");
+        assert_eq!(j["status"]["replicas"][1]["status"]["child"]["done_bytes"], 256u64 << 20);
+        assert_eq!(j["status"]["target"]["children"][0]["last_rebuild"]["kind"], "full");
     }
 
     #[test]

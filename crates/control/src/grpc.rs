@@ -1,4 +1,7 @@
-//! The `Registry` gRPC service engines call: `Register` and `Heartbeat`.
+//! The `Registry` gRPC service engines call: `Register` and `Heartbeat` (liveness), and from
+//! each nexus `RecordChildren` and `MarkDirty` (its membership and dirty-region log; see
+//! `registry::membership`). A refusal for an old epoch is FAILED_PRECONDITION with a message
+//! starting "fenced": the nexus stops serving on it.
 
 use std::sync::Arc;
 
@@ -7,6 +10,7 @@ use trireme_rpc as rpc;
 use trireme_types::NodeId;
 
 use crate::registry::Registry;
+use crate::registry::membership::MembershipError;
 
 #[derive(Debug, Clone)]
 pub struct RegistryService {
@@ -63,15 +67,30 @@ impl rpc::registry_server::Registry for RegistryService {
 
     async fn record_children(
         &self,
-        _: Request<rpc::RecordChildrenRequest>,
+        req: Request<rpc::RecordChildrenRequest>,
     ) -> Result<Response<rpc::RecordChildrenReply>, Status> {
-        Err(Status::unimplemented("RecordChildren is not available yet"))
+        let generation =
+            self.registry.record_children(&req.into_inner()).await.map_err(membership_status)?;
+        Ok(Response::new(rpc::RecordChildrenReply { generation }))
     }
 
     async fn mark_dirty(
         &self,
-        _: Request<rpc::MarkDirtyRequest>,
+        req: Request<rpc::MarkDirtyRequest>,
     ) -> Result<Response<rpc::Empty>, Status> {
-        Err(Status::unimplemented("MarkDirty is not available yet"))
+        self.registry.mark_dirty(&req.into_inner()).await.map_err(membership_status)?;
+        Ok(Response::new(rpc::Empty {}))
+    }
+}
+
+/// The one place membership refusals become gRPC codes: anything the nexus must stop on is
+/// FAILED_PRECONDITION; a store failure is UNAVAILABLE (the nexus retries within its bound).
+fn membership_status(e: MembershipError) -> Status {
+    match &e {
+        MembershipError::Fenced { .. }
+        | MembershipError::UnknownEpoch { .. }
+        | MembershipError::UnknownVolume(_) => Status::failed_precondition(e.to_string()),
+        MembershipError::Invalid(_) => Status::invalid_argument(e.to_string()),
+        MembershipError::Control(_) => Status::unavailable(e.to_string()),
     }
 }

@@ -80,6 +80,9 @@ async fn interrupted_operations_are_finished_after_a_control_crash() {
             }],
             phase: VolumePhase::Creating, // crashed before creating the replica
             pending: None,
+            epoch: 0,
+            generation: 0,
+            children: Default::default(),
         };
         put(&store, &rc).await;
     }

@@ -38,8 +38,13 @@ impl Reconciler {
                 // A create in flight holds the create lock; only finish abandoned ones.
                 let Ok(_create) = reg.try_lock_create() else { return Ok(()) };
                 reg.create_replicas(&record).await?;
-                record.phase = VolumePhase::Ready;
-                reg.save_volume(&record).await?;
+                record = reg
+                    .update_volume(id, |r| {
+                        r.phase = VolumePhase::Ready;
+                        Ok(())
+                    })
+                    .await?
+                    .0;
                 reg.events()
                     .record(
                         Kind::Volume,

@@ -9,13 +9,22 @@
 //!
 //! The store is the truth for specs; the cache mirrors it (one control instance per store for
 //! now) and holds observations, which are never persisted. Locks: `state` is a short-held
-//! `parking_lot` lock never held across an await; mutations of one volume are serialised by a
-//! per-volume async lock, and creations by `create_lock` so that two creates cannot both
-//! spend the same free space.
+//! `parking_lot` lock never held across an await; operations on one volume are serialised by a
+//! per-volume async lock (held across engine calls), and creations by `create_lock` so that two
+//! creates cannot both spend the same free space.
+//!
+//! Every change to a volume record is a read-modify-write of the cached record through
+//! [`Registry::update_volume`], serialised per volume by a second, short lock held only across
+//! the store commit. Two writers exist for one volume at once by design: an operation (holding
+//! the operation lock, e.g. creating the nexus) and the nexus itself recording its children
+//! over gRPC, which must never wait for the operation — CreateNexus and AddChild do not answer
+//! until the nexus has recorded its membership, so waiting would deadlock.
 
+pub mod membership;
 pub mod nodes;
 pub mod pools;
 pub mod records;
+pub mod replicas;
 pub mod view;
 pub mod volumes;
 
@@ -29,7 +38,7 @@ use trireme_store::Store;
 use trireme_types::{NodeId, PoolId, ReplicaId, VolumeId};
 
 pub use records::RecordError;
-use records::{NodeRecord, PoolRecord, VolumeRecord};
+use records::{DirtyRecord, NodeRecord, PoolRecord, VolumeRecord};
 
 use crate::ControlError;
 use crate::engine_client::Engines;
@@ -74,6 +83,9 @@ pub struct State {
     pub epochs: HashMap<NodeId, u64>,
     /// The engine's refusal of a volume's last nexus creation, for publish to report.
     pub nexus_errors: HashMap<VolumeId, crate::engine_client::EngineError>,
+    /// Why a published volume has no nexus although its node is up (e.g. the replicas it
+    /// waits for), set by the reconciler; the volume shows `faulted` with this message.
+    pub volume_messages: HashMap<VolumeId, String>,
 }
 
 impl State {
@@ -116,6 +128,8 @@ pub struct Registry {
     pub(crate) node_timeout: Duration,
     create_lock: tokio::sync::Mutex<()>,
     volume_locks: parking_lot::Mutex<HashMap<VolumeId, Arc<tokio::sync::Mutex<()>>>>,
+    /// Serialise read-modify-write commits of one volume's record (see the module doc).
+    record_locks: parking_lot::Mutex<HashMap<VolumeId, Arc<tokio::sync::Mutex<()>>>>,
     wake: Notify,
     /// Bumped after every reconcile pass, so waiters (publish) re-check observations.
     passes: watch::Sender<u64>,
@@ -166,6 +180,7 @@ impl Registry {
             node_timeout,
             create_lock: tokio::sync::Mutex::new(()),
             volume_locks: parking_lot::Mutex::new(HashMap::new()),
+            record_locks: parking_lot::Mutex::new(HashMap::new()),
             wake: Notify::new(),
             passes: watch::channel(0).0,
         })
@@ -210,14 +225,46 @@ impl Registry {
 
     fn forget_volume_lock(&self, id: &VolumeId) {
         self.volume_locks.lock().remove(id);
+        self.record_locks.lock().remove(id);
     }
 
-    /// Persists a volume record, then mirrors it in the cache.
-    pub(crate) async fn save_volume(&self, record: &VolumeRecord) -> Result<(), ControlError> {
-        let key = records::volume_key(&record.id);
-        self.store.put(&key, records::encode(&key, record)?).await?;
-        self.state.write().volumes.insert(record.id, record.clone());
-        Ok(())
+    async fn lock_record(&self, id: VolumeId) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = self.record_locks.lock().entry(id).or_default().clone();
+        lock.lock_owned().await
+    }
+
+    /// Changes one volume's record in one store commit: `change` edits the current record
+    /// (it may refuse with an error, and then nothing is written); the result is persisted,
+    /// then mirrored in the cache. Returns the record as stored and what `change` returned.
+    /// Callers never write back a copy they read earlier, so the nexus's own records
+    /// (children, generation) and control's (phase, publish, replicas) never overwrite each
+    /// other.
+    pub async fn update_volume<T>(
+        &self,
+        id: VolumeId,
+        change: impl FnOnce(&mut VolumeRecord) -> Result<T, ControlError>,
+    ) -> Result<(VolumeRecord, T), ControlError> {
+        let _record = self.lock_record(id).await;
+        let mut record = self
+            .volume_record(&id)
+            .ok_or_else(|| ControlError::not_found("volume", id.to_string()))?;
+        let out = change(&mut record)?;
+        let key = records::volume_key(&id);
+        self.store.put(&key, records::encode(&key, &record)?).await?;
+        self.state.write().volumes.insert(id, record.clone());
+        Ok((record, out))
+    }
+
+    /// The volume's dirty-region log, if any region is marked.
+    pub(crate) async fn dirty_log(
+        &self,
+        id: &VolumeId,
+    ) -> Result<Option<DirtyRecord>, ControlError> {
+        let key = records::dirty_key(id);
+        match self.store.get(&key).await? {
+            Some(v) => Ok(Some(records::decode(&key, &v.value)?)),
+            None => Ok(None),
+        }
     }
 
     pub(crate) async fn remove_volume(&self, record: &VolumeRecord) -> Result<(), ControlError> {
@@ -229,10 +276,12 @@ impl Registry {
         let txn = trireme_store::Txn::new()
             .delete(records::volume_key(&record.id))
             .delete(records::volume_name_key(&record.name))
+            .delete(records::dirty_key(&record.id))
             .put(tomb_key.clone(), records::encode(&tomb_key, &tomb)?);
         self.store.txn(txn).await?;
         let mut st = self.state.write();
         st.volumes.remove(&record.id);
+        st.volume_messages.remove(&record.id);
         st.tombstones.insert(record.id);
         drop(st);
         self.forget_volume_lock(&record.id);

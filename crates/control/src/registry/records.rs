@@ -12,12 +12,21 @@
 //!   volume-names/<name>      NameRecord (makes names unique through the store itself)
 //!   tombstones/<volume uuid> TombstoneRecord (lets the orphan collector tell a replica of a
 //!                            deleted volume from one this store never knew)
+//!   dirty/<volume uuid>      DirtyRecord (the dirty-region log; its own key so that MarkDirty
+//!                            does not rewrite the volume)
 //!   events/<seq, 20 digits>  EventRecord
 //! ```
+//!
+//! Replication added fields to [`VolumeRecord`] without a new version: each is
+//! `#[serde(default)]`, so a version-1 document written before them decodes as a volume whose
+//! replicas are all current (no entry in `children` means online) at epoch and generation 0.
+
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use trireme_types::{ByteSize, Name, NodeId, PoolId, ReplicaId, VolumeId};
+use trireme_api::{RebuildInfo, RebuildKind};
+use trireme_types::{ByteSize, FaultReason, Name, NodeId, PoolId, ReplicaId, VolumeId};
 
 /// The version this control writes.
 pub const RECORD_VERSION: u32 = 1;
@@ -28,6 +37,7 @@ pub const VOLUMES: &str = "volumes/";
 pub const VOLUME_NAMES: &str = "volume-names/";
 pub const EVENTS: &str = "events/";
 pub const TOMBSTONES: &str = "tombstones/";
+pub const DIRTY: &str = "dirty/";
 
 /// Why a stored record could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -132,6 +142,51 @@ pub struct ReplicaRecord {
     pub node: NodeId,
 }
 
+/// A replica's membership state as its nexus last recorded it (or as control set it when it
+/// added the replica). Only `RecordChildren` (the nexus's word) and control's own add/remove of
+/// replicas change it; observations never do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChildHealth {
+    /// Holds every acknowledged write.
+    Online,
+    /// Missed writes; must be rebuilt (`needs`) before it serves reads again.
+    Faulted,
+    /// Being rebuilt; receives writes, serves no reads.
+    Rebuilding,
+}
+
+/// One replica's entry in `VolumeRecord::children`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChildStatusRecord {
+    pub state: ChildHealth,
+    /// Why it faulted (faulted children only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<FaultReason>,
+    /// What a faulted or rebuilding child still needs copied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub needs: Option<RebuildKind>,
+    /// Milliseconds since the Unix epoch when it entered `state` (the replacement timer).
+    #[serde(default)]
+    pub since_ms: u64,
+    /// The last rebuild of this replica that finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rebuild: Option<RebuildInfo>,
+}
+
+impl ChildStatusRecord {
+    /// A replica placed by control that holds nothing yet: it joins with a full rebuild.
+    pub fn new_empty(now_ms: u64) -> Self {
+        Self {
+            state: ChildHealth::Rebuilding,
+            reason: None,
+            needs: Some(RebuildKind::Full),
+            since_ms: now_ms,
+            last_rebuild: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeRecord {
     pub version: u32,
@@ -148,9 +203,49 @@ pub struct VolumeRecord {
     pub phase: VolumePhase,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending: Option<PendingOp>,
+    /// The fencing epoch of the volume's latest nexus: bumped and persisted before every
+    /// CreateNexus; a nexus recording with an older one is refused ("fenced").
+    #[serde(default)]
+    pub epoch: u64,
+    /// Membership generation: bumped whenever the set of online replicas changes.
+    #[serde(default)]
+    pub generation: u64,
+    /// Membership state per replica. A replica without an entry is online (a fresh volume's
+    /// replicas are all current); entries of replicas no longer in `replicas` are dropped.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub children: BTreeMap<ReplicaId, ChildStatusRecord>,
 }
 
 impl VolumeRecord {
+    /// The replica's membership state (no entry: online).
+    pub fn child_health(&self, id: &ReplicaId) -> ChildHealth {
+        self.children.get(id).map_or(ChildHealth::Online, |c| c.state)
+    }
+
+    /// The replicas recorded online: the ones holding every acknowledged write.
+    pub fn online_replicas(&self) -> BTreeSet<ReplicaId> {
+        self.replicas
+            .iter()
+            .filter(|r| self.child_health(&r.id) == ChildHealth::Online)
+            .map(|r| r.id)
+            .collect()
+    }
+
+    /// What a replica needs when (re)joining a nexus: `None` when it is current.
+    pub fn child_needs(&self, id: &ReplicaId) -> Option<RebuildKind> {
+        match self.children.get(id) {
+            None => None,
+            Some(c) if c.state == ChildHealth::Online => None,
+            // A faulted child whose nexus did not say is rebuilt in full: nothing cheaper is
+            // known to be safe.
+            Some(c) => Some(c.needs.unwrap_or(RebuildKind::Full)),
+        }
+    }
+
+    pub fn replica(&self, id: &ReplicaId) -> Option<&ReplicaRecord> {
+        self.replicas.iter().find(|r| &r.id == id)
+    }
+
     /// The size every replica and the nexus must have at least: a pending grow counts.
     pub fn target_size(&self) -> ByteSize {
         match &self.pending {
@@ -161,6 +256,83 @@ impl VolumeRecord {
 
     pub fn owns_replica(&self, id: &ReplicaId) -> bool {
         self.replicas.iter().any(|r| &r.id == id)
+    }
+}
+
+/// `dirty/<volume uuid>`: the volume's dirty-region log — regions written while some replica
+/// was out, which a partial rebuild copies. Region i covers `[i * region_bytes, (i + 1) *
+/// region_bytes)`; bit i is bit `i % 8` of byte `i / 8` of `regions` (hex in JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirtyRecord {
+    pub version: u32,
+    pub region_bytes: u64,
+    #[serde(with = "hex_bytes")]
+    pub regions: Vec<u8>,
+}
+
+/// The most regions a dirty log may have (a 16 MiB bitmap), so that a malformed MarkDirty
+/// cannot make control allocate without bound.
+pub const MAX_DIRTY_REGIONS: u64 = 1 << 27;
+
+impl DirtyRecord {
+    pub fn new(region_bytes: u64) -> Self {
+        Self { version: RECORD_VERSION, region_bytes, regions: Vec::new() }
+    }
+
+    /// Sets the given regions (indexes of `region_bytes`-sized regions). When the log was kept
+    /// at another granularity (the volume grew and its region size with it), the existing bits
+    /// are first carried over to the new one, rounding outwards so no dirty byte is lost.
+    pub fn mark(&mut self, region_bytes: u64, regions: &[u64]) {
+        if region_bytes != self.region_bytes {
+            let old = std::mem::take(&mut self.regions);
+            let old_size = self.region_bytes;
+            self.region_bytes = region_bytes;
+            for i in set_bits(&old) {
+                let start = i.saturating_mul(old_size);
+                let end = start.saturating_add(old_size);
+                let (first, last) = (start / region_bytes, end.saturating_sub(1) / region_bytes);
+                for j in first..=last.min(MAX_DIRTY_REGIONS - 1) {
+                    set_bit(&mut self.regions, j);
+                }
+            }
+        }
+        for &i in regions {
+            set_bit(&mut self.regions, i);
+        }
+    }
+
+    pub fn is_set(&self, region: u64) -> bool {
+        usize::try_from(region / 8)
+            .ok()
+            .and_then(|b| self.regions.get(b))
+            .is_some_and(|byte| byte & (1 << (region % 8)) != 0)
+    }
+}
+
+fn set_bit(bitmap: &mut Vec<u8>, i: u64) {
+    let Ok(byte) = usize::try_from(i / 8) else { return };
+    if bitmap.len() <= byte {
+        bitmap.resize(byte + 1, 0);
+    }
+    bitmap[byte] |= 1 << (i % 8);
+}
+
+fn set_bits(bitmap: &[u8]) -> impl Iterator<Item = u64> + '_ {
+    bitmap.iter().enumerate().flat_map(|(b, byte)| {
+        (0..8u64).filter(move |k| byte & (1 << k) != 0).map(move |k| b as u64 * 8 + k)
+    })
+}
+
+mod hex_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        hex::decode(s).map_err(serde::de::Error::custom)
     }
 }
 
@@ -201,6 +373,9 @@ pub fn volume_name_key(name: &Name) -> String {
 pub fn tombstone_key(id: &VolumeId) -> String {
     format!("{TOMBSTONES}{id}")
 }
+pub fn dirty_key(id: &VolumeId) -> String {
+    format!("{DIRTY}{id}")
+}
 pub fn event_key(seq: u64) -> String {
     format!("{EVENTS}{seq:020}")
 }
@@ -236,6 +411,10 @@ mod tests {
         assert_eq!(v.phase, VolumePhase::Ready);
         assert_eq!(v.pending, Some(PendingOp::Resize { size: ByteSize::gib(2) }));
         assert_eq!(v.target_size(), ByteSize::gib(2));
+        // Written before replication: every replica current, epoch and generation zero.
+        assert_eq!((v.epoch, v.generation), (0, 0));
+        assert!(v.children.is_empty());
+        assert_eq!(v.online_replicas().len(), 1);
         let p: PoolRecord = decode("pools/x", POOL_V1.as_bytes()).unwrap();
         assert_eq!(p.phase, PoolPhase::Active);
         let n: NodeRecord = decode("nodes/x", NODE_V1.as_bytes()).unwrap();
@@ -257,6 +436,64 @@ mod tests {
         .unwrap();
         assert_eq!(e.event.seq, 4);
         assert_eq!(e.event.reason, "created");
+    }
+
+    /// A replicated volume as this version writes it (children, epoch, generation).
+    const VOLUME_V1_REPLICATED: &str = r#"{
+        "version": 1,
+        "id": "6f1c1e6e-5b8a-4a3e-9d7e-0a1b2c3d4e5f",
+        "name": "vol-2",
+        "size": 1073741824,
+        "replica_count": 2,
+        "thin": true,
+        "replicas": [
+            {"id": "0b7f6a43-2d7e-4f0a-8a55-7f8e9d0c1b2a", "pool": "pool-1", "node": "node-1"},
+            {"id": "1c8f7b54-3e8f-4a1b-9b66-8a9fae1d2c3b", "pool": "pool-2", "node": "node-2"}
+        ],
+        "phase": "ready",
+        "epoch": 7,
+        "generation": 3,
+        "children": {
+            "1c8f7b54-3e8f-4a1b-9b66-8a9fae1d2c3b": {
+                "state": "faulted", "reason": "timeout", "needs": "partial", "since_ms": 5,
+                "last_rebuild": {"kind": "full", "copied": 4096, "duration_ms": 12}
+            }
+        }
+    }"#;
+
+    #[test]
+    fn replicated_volume_documents_decode() {
+        let v: VolumeRecord = decode("k", VOLUME_V1_REPLICATED.as_bytes()).unwrap();
+        assert_eq!((v.epoch, v.generation), (7, 3));
+        let faulted: ReplicaId = "1c8f7b54-3e8f-4a1b-9b66-8a9fae1d2c3b".parse().unwrap();
+        let online: ReplicaId = "0b7f6a43-2d7e-4f0a-8a55-7f8e9d0c1b2a".parse().unwrap();
+        assert_eq!(v.child_health(&faulted), ChildHealth::Faulted);
+        assert_eq!(v.child_needs(&faulted), Some(RebuildKind::Partial));
+        assert_eq!(v.child_needs(&online), None);
+        assert_eq!(v.online_replicas().into_iter().collect::<Vec<_>>(), [online]);
+        let c = &v.children[&faulted];
+        assert_eq!(c.reason, Some(FaultReason::Timeout));
+        assert_eq!(c.last_rebuild.map(|r| r.copied), Some(ByteSize::kib(4)));
+        let back: VolumeRecord = decode("k", &encode("k", &v).unwrap()).unwrap();
+        assert_eq!(v, back);
+        let d: DirtyRecord =
+            decode("k", br#"{"version":1,"region_bytes":1048576,"regions":"0580"}"#).unwrap();
+        assert!(d.is_set(0) && d.is_set(2) && d.is_set(15) && !d.is_set(1) && !d.is_set(99));
+    }
+
+    #[test]
+    fn dirty_log_marks_and_regrains_outwards() {
+        let mut d = DirtyRecord::new(1 << 20);
+        d.mark(1 << 20, &[1, 9]);
+        assert!(d.is_set(1) && d.is_set(9) && !d.is_set(0));
+        // Doubling the region size: old region 1 (bytes 1..2 MiB) is in new region 0, old 9 in
+        // new 4.
+        d.mark(2 << 20, &[7]);
+        assert_eq!(d.region_bytes, 2 << 20);
+        let set: Vec<u64> = (0..16).filter(|&i| d.is_set(i)).collect();
+        assert_eq!(set, [0, 4, 7]);
+        let back: DirtyRecord = decode("k", &encode("k", &d).unwrap()).unwrap();
+        assert_eq!(back, d);
     }
 
     #[test]

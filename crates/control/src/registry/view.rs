@@ -233,6 +233,9 @@ mod tests {
             replicas: replicas.clone(),
             phase: VolumePhase::Ready,
             pending: None,
+            epoch: 0,
+            generation: 0,
+            children: Default::default(),
         };
         let nexus = rpc::Nexus {
             volume_uuid: v.id.to_string(),

@@ -71,6 +71,32 @@ impl State {
             .collect()
     }
 
+    /// Where to publish a volume by default: a schedulable node holding a replica recorded
+    /// online (local reads), else any online node holding one, else its first replica's node
+    /// (which then answers why it cannot).
+    pub fn default_publish_node(&self, v: &VolumeRecord) -> Option<NodeId> {
+        let online = v.online_replicas();
+        let usable = |r: &&ReplicaRecord, schedulable: bool| {
+            self.nodes.get(&r.node).is_some_and(|n| {
+                n.online && (!schedulable || (!n.record.cordoned && !n.record.draining))
+            })
+        };
+        v.replicas
+            .iter()
+            .filter(|r| online.contains(&r.id))
+            .find(|r| usable(r, true))
+            .or_else(|| {
+                v.replicas.iter().filter(|r| online.contains(&r.id)).find(|r| usable(r, false))
+            })
+            .or_else(|| v.replicas.first())
+            .map(|r| r.node.clone())
+    }
+
+    /// How many nodes may take a new replica: online, neither cordoned nor draining.
+    pub fn schedulable_nodes(&self) -> usize {
+        self.nodes.values().filter(|n| n.online && !n.record.cordoned && !n.record.draining).count()
+    }
+
     /// A volume by UUID or by name.
     pub fn find_volume(&self, id: &str) -> Option<&VolumeRecord> {
         match id.parse::<VolumeId>() {
@@ -129,9 +155,6 @@ impl Registry {
         if body.replicas == 0 {
             return Err(ControlError::InvalidBody { detail: "replicas must be at least 1".into() });
         }
-        if body.replicas > 1 {
-            return Err(ControlError::ReplicationUnavailable);
-        }
         let _create = self.lock_create().await;
         let existing = {
             let st = self.state.read();
@@ -145,6 +168,16 @@ impl Registry {
         }
         let placement = {
             let st = self.state.read();
+            let nodes = st.schedulable_nodes();
+            if usize::from(body.replicas) > nodes {
+                return Err(ControlError::InvalidBody {
+                    detail: format!(
+                        "replicas is {}, but only {nodes} node(s) can take a replica (online, \
+                         neither cordoned nor draining); each replica needs its own node",
+                        body.replicas
+                    ),
+                });
+            }
             scheduler::place(
                 &st.candidates(),
                 usize::from(body.replicas),
@@ -171,6 +204,9 @@ impl Registry {
                 .collect(),
             phase: VolumePhase::Creating,
             pending: None,
+            epoch: 0,
+            generation: 0,
+            children: Default::default(),
         };
         let key = records::volume_key(&record.id);
         let name_key = records::volume_name_key(&record.name);
@@ -194,16 +230,23 @@ impl Registry {
         self.state.write().volumes.insert(record.id, record.clone());
         if let Err(e) = self.create_replicas(&record).await {
             // Undo through the delete path so that a crash during the undo is also finished.
-            let mut undo = record.clone();
-            undo.phase = VolumePhase::Deleting;
-            if self.save_volume(&undo).await.is_ok() {
+            let undo = self
+                .update_volume(record.id, |r| {
+                    r.phase = VolumePhase::Deleting;
+                    Ok(())
+                })
+                .await;
+            if let Ok((undo, ())) = undo {
                 let _ = self.finish_volume_delete(&undo).await;
             }
             return Err(e);
         }
-        let mut ready = record;
-        ready.phase = VolumePhase::Ready;
-        self.save_volume(&ready).await?;
+        let (ready, ()) = self
+            .update_volume(record.id, |r| {
+                r.phase = VolumePhase::Ready;
+                Ok(())
+            })
+            .await?;
         let placed: Vec<String> =
             ready.replicas.iter().map(|r| format!("{} on {}", r.pool, r.node)).collect();
         self.events
@@ -263,30 +306,7 @@ impl Registry {
     /// Creates every replica of the record on its engine (idempotent on the engine side).
     pub(crate) async fn create_replicas(&self, record: &VolumeRecord) -> Result<(), ControlError> {
         for r in &record.replicas {
-            let endpoint = self.state.read().online_endpoint(&r.node).ok_or_else(|| {
-                ControlError::NodeUnavailable { node: r.node.clone(), state: "offline".into() }
-            })?;
-            let mut client = self.engines.client(&r.node, &endpoint)?;
-            let req = rpc::CreateReplicaRequest {
-                uuid: r.id.to_string(),
-                pool: r.pool.to_string(),
-                size_bytes: record.target_size().bytes(),
-                thin: record.thin,
-                volume_uuid: record.id.to_string(),
-            };
-            let rep =
-                self.engines.call(&r.node, "CreateReplica", client.create_replica(req)).await?;
-            let mut st = self.state.write();
-            let known = st.observed.get(&r.node).is_some_and(|o| o.replicas.contains_key(&r.id));
-            // Until the next observation, count a new thick replica against its pool's free
-            // space so that back-to-back creates do not overbook it.
-            if !known && let Some(o) = st.pools.get_mut(&r.pool).and_then(|p| p.observed.as_mut()) {
-                if !record.thin {
-                    o.used_bytes = o.used_bytes.saturating_add(rep.size_bytes);
-                }
-                o.replica_count = o.replica_count.saturating_add(1);
-            }
-            st.touch(&r.node).replicas.insert(r.id, rep);
+            self.create_replica(record, r).await?;
         }
         Ok(())
     }
@@ -298,8 +318,13 @@ impl Registry {
         let mut record =
             self.volume_record(&vid).ok_or_else(|| ControlError::not_found("volume", id))?;
         if record.phase != VolumePhase::Deleting {
-            record.phase = VolumePhase::Deleting;
-            self.save_volume(&record).await?;
+            record = self
+                .update_volume(vid, |r| {
+                    r.phase = VolumePhase::Deleting;
+                    Ok(())
+                })
+                .await?
+                .0;
             self.events
                 .record(
                     Kind::Volume,
@@ -424,14 +449,22 @@ impl Registry {
                 }
             }
         }
-        record.pending = Some(PendingOp::Resize { size });
-        self.save_volume(&record).await?;
+        record = self
+            .update_volume(vid, |r| {
+                r.pending = Some(PendingOp::Resize { size });
+                Ok(())
+            })
+            .await?
+            .0;
         match self.apply_resize(&record).await {
             Ok(()) => {}
             Err(ControlError::Engine(e @ EngineError::Status { .. })) => {
                 // The engine refused: clear the intent so the reconciler does not retry it.
-                record.pending = None;
-                self.save_volume(&record).await?;
+                self.update_volume(vid, |r| {
+                    r.pending = None;
+                    Ok(())
+                })
+                .await?;
                 return Err(e.into());
             }
             Err(e) => return Err(e), // left pending: the reconciler finishes it
@@ -471,10 +504,13 @@ impl Registry {
             }
         }
         let old = record.size;
-        let mut done = record.clone();
-        done.size = size;
-        done.pending = None;
-        self.save_volume(&done).await?;
+        let (done, ()) = self
+            .update_volume(record.id, |r| {
+                r.size = size;
+                r.pending = None;
+                Ok(())
+            })
+            .await?;
         self.events
             .record(
                 Kind::Volume,
@@ -486,8 +522,9 @@ impl Registry {
         Ok(())
     }
 
-    /// Publishes a volume on `node` (default: its replica's node) and waits, bounded, until its
-    /// nexus is observed with a share URI.
+    /// Publishes a volume on `node` and waits, bounded, until its nexus is observed with a
+    /// share URI. Any online, uncordoned node will do (replicas elsewhere are reached over
+    /// NBD); the default is a node holding a current replica, so that one child is local.
     pub async fn publish_volume(
         &self,
         id: &str,
@@ -501,25 +538,23 @@ impl Registry {
             if record.phase == VolumePhase::Deleting {
                 return Err(ControlError::VolumeDeleting { volume: vid });
             }
-            let replica_node =
-                record.replicas.first().map(|r| r.node.clone()).ok_or_else(|| {
-                    ControlError::InvalidBody {
-                        detail: format!("volume {vid} has no replica to publish"),
-                    }
-                })?;
-            let target = node
-                .unwrap_or_else(|| record.publish.clone().unwrap_or_else(|| replica_node.clone()));
+            let no_replica = || ControlError::InvalidBody {
+                detail: format!("volume {vid} has no replica to publish"),
+            };
+            if record.replicas.is_empty() {
+                return Err(no_replica());
+            }
+            let target = match (node, &record.publish) {
+                (Some(n), _) => n,
+                (None, Some(current)) => current.clone(),
+                (None, None) => {
+                    self.state.read().default_publish_node(&record).ok_or_else(no_replica)?
+                }
+            };
             if let Some(current) = &record.publish
                 && current != &target
             {
                 return Err(ControlError::AlreadyPublished { volume: vid, node: current.clone() });
-            }
-            if target != replica_node {
-                return Err(ControlError::RemotePublish {
-                    volume: vid,
-                    replica_node,
-                    requested: target,
-                });
             }
             {
                 let st = self.state.read();
@@ -531,12 +566,27 @@ impl Registry {
                             state: "offline".into(),
                         });
                     }
+                    // Cordoned nodes take no new nexuses; one already there stays.
+                    Some(n)
+                        if record.publish.is_none() && (n.record.cordoned || n.record.draining) =>
+                    {
+                        let state = if n.record.draining { "draining" } else { "cordoned" };
+                        return Err(ControlError::NodeUnavailable {
+                            node: target,
+                            state: state.into(),
+                        });
+                    }
                     Some(_) => {}
                 }
             }
             if record.publish.is_none() {
-                record.publish = Some(target.clone());
-                self.save_volume(&record).await?;
+                record = self
+                    .update_volume(vid, |r| {
+                        r.publish = Some(target.clone());
+                        Ok(())
+                    })
+                    .await?
+                    .0;
                 self.events
                     .record(
                         Kind::Volume,
@@ -587,7 +637,12 @@ impl Registry {
         let Some(node) = record.publish.take() else {
             return self.volume(&vid.to_string()); // idempotent: not published
         };
-        self.save_volume(&record).await?;
+        self.update_volume(vid, |r| {
+            r.publish = None;
+            Ok(())
+        })
+        .await?;
+        self.state.write().volume_messages.remove(&vid);
         if let Err(e) = self.destroy_nexus(&node, vid).await {
             tracing::warn!(volume = %vid, "nexus left for the reconciler: {e}");
         }

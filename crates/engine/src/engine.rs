@@ -14,7 +14,7 @@ use trireme_types::{ByteSize, NodeId, PoolId, ReplicaId, VolumeId};
 use crate::error::EngineError;
 use crate::nexus::{Child, ChildUri, LocalChild, Nexus};
 use crate::pools::{PoolView, Pools};
-use crate::share::{Shares, nexus_export_name, replica_export_name};
+use crate::share::{Shares, nexus_export_name};
 
 /// Where this engine is reached, as advertised to control and put in share URIs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,10 +66,10 @@ impl Engine {
         Arc::clone(&self.shares)
     }
 
-    fn share_replicas(&self, name: &PoolId, pool: &trireme_pool::Pool) {
+    fn share_replicas(&self, name: &PoolId, pool: &Arc<trireme_pool::Pool>) {
         for r in pool.replicas() {
             match pool.open_replica(r.id) {
-                Ok(replica) => self.shares.share_replica(replica),
+                Ok(replica) => self.shares.share_replica(replica, pool),
                 Err(e) => {
                     tracing::error!(pool = %name, replica = %r.id, error = %e, "cannot share replica")
                 }
@@ -136,7 +136,7 @@ impl Engine {
             .await
             .map_err(|e| self.pool_error(pool_name, e))?;
         let replica = pool.open_replica(id).map_err(|e| self.pool_error(pool_name, e))?;
-        self.shares.share_replica(replica);
+        self.shares.share_replica(replica, &pool);
         tracing::info!(replica = %id, pool = %pool_name, %size, thin, "replica created");
         Ok(info)
     }
@@ -149,16 +149,16 @@ impl Engine {
         let Some((name, pool, _)) = self.pools.find_replica(id) else {
             return Ok(());
         };
-        self.shares.remove(&replica_export_name(id));
+        let shared = self.shares.unshare_replica(id);
         match pool.destroy_replica(id).await {
             Ok(()) | Err(PoolError::NotFound(_)) => {
                 tracing::info!(replica = %id, pool = %name, "replica destroyed");
                 Ok(())
             }
             Err(e) => {
-                // Still there: keep sharing it.
-                if let Ok(replica) = pool.open_replica(id) {
-                    self.shares.share_replica(replica);
+                // Still there: keep sharing it, with its fence.
+                if let Some(shared) = shared {
+                    self.shares.reshare_replica(shared);
                 }
                 Err(self.pool_error(&name, e))
             }
@@ -197,10 +197,9 @@ impl Engine {
     fn open_child(&self, uri: &ChildUri) -> Result<Arc<dyn Child>, EngineError> {
         match uri {
             ChildUri::Local(id) => {
-                let (name, pool, _) =
-                    self.pools.find_replica(*id).ok_or(EngineError::ReplicaNotFound(*id))?;
-                let replica = pool.open_replica(*id).map_err(|e| self.pool_error(&name, e))?;
-                Ok(Arc::new(LocalChild::new(replica)))
+                self.pools.find_replica(*id).ok_or(EngineError::ReplicaNotFound(*id))?;
+                let shared = self.shares.replica(*id).ok_or(EngineError::ReplicaNotFound(*id))?;
+                Ok(Arc::new(LocalChild::new(shared.replica, shared.fence, 0)))
             }
             ChildUri::Nbd { .. } => {
                 Err(EngineError::RemoteChildUnsupported { uri: uri.to_string() })

@@ -20,11 +20,16 @@
 mod args;
 mod engine;
 mod error;
+mod fence;
 mod grpc;
 mod metrics;
 pub mod nexus;
 mod pools;
 mod registration;
+// The remote child belongs with the other children in `nexus/`; declared from here until
+// `nexus/mod.rs` declares it.
+#[path = "nexus/remote.rs"]
+pub mod remote;
 mod share;
 
 use std::net::SocketAddr;
@@ -42,7 +47,7 @@ pub use engine::{Endpoints, Engine};
 pub use error::EngineError;
 pub use grpc::{EngineService, to_status};
 pub use pools::{PoolStatus, PoolView};
-pub use share::{Shares, nexus_export_name, replica_export_name};
+pub use share::{Shares, nexus_export_name, replica_epoch_export_name, replica_export_name};
 
 /// The engine's version, reported to control.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,13 +1,22 @@
 //! A nexus's view of one replica. The nexus only sees the [`Child`] trait; each kind of child
-//! (a replica in a local pool today, a replica on another node over NBD next) implements it.
+//! implements it: [`LocalChild`] (a replica in one of this engine's pools) here, and
+//! `RemoteChild` (a replica on another engine, over NBD) in `remote.rs`.
+//!
+//! Both are bound to the epoch of the nexus that opened them: every request is admitted by the
+//! replica's fence (see `crate::fence`), so a nexus superseded by a newer one gets
+//! [`ChildError::Fenced`] from its very next request, whichever path it reaches the replica by.
 
 use std::fmt;
 use std::str::FromStr;
 
 use async_trait::async_trait;
+use std::sync::Arc;
 use trireme_iobuf::IoBuf;
+
 use trireme_pool::{PoolError, Replica};
 use trireme_types::{FaultReason, ReplicaId};
+
+use crate::fence::{Fence, FenceError};
 
 /// Where a child lives, parsed from its URI.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -89,6 +98,15 @@ impl ChildError {
     }
 }
 
+impl From<FenceError> for ChildError {
+    fn from(e: FenceError) -> Self {
+        match e {
+            FenceError::Stale { .. } => Self::Fenced(e.to_string()),
+            FenceError::Persist { .. } => Self::Io(e.to_string()),
+        }
+    }
+}
+
 impl From<PoolError> for ChildError {
     fn from(e: PoolError) -> Self {
         match e {
@@ -122,15 +140,26 @@ pub trait Child: Send + Sync + 'static {
     async fn allocation(&self, offset: u64, len: u64) -> Result<Vec<ChildExtent>, ChildError>;
 }
 
-/// A replica in one of this engine's pools, reached directly through the pool library.
+/// A replica in one of this engine's pools, reached directly through the pool library, on
+/// behalf of the nexus of one epoch.
 pub struct LocalChild {
     uri: ChildUri,
     replica: Replica,
+    fence: Arc<Fence>,
+    epoch: u64,
 }
 
 impl LocalChild {
-    pub fn new(replica: Replica) -> Self {
-        Self { uri: ChildUri::Local(replica.id()), replica }
+    /// A child for the nexus of `epoch`; the caller has claimed the replica for `epoch`
+    /// already (requests claim it too, so a missing claim costs only latency, never safety).
+    pub fn new(replica: Replica, fence: Arc<Fence>, epoch: u64) -> Self {
+        Self { uri: ChildUri::Local(replica.id()), replica, fence, epoch }
+    }
+
+    /// The replica, once the fence admits this child's epoch.
+    async fn admitted(&self) -> Result<&Replica, ChildError> {
+        self.fence.admit(self.epoch).await?;
+        Ok(&self.replica)
     }
 }
 
@@ -146,22 +175,22 @@ impl Child for LocalChild {
         self.replica.size()
     }
     async fn read(&self, offset: u64, len: u32) -> Result<IoBuf, ChildError> {
-        Ok(self.replica.read(offset, len).await?)
+        Ok(self.admitted().await?.read(offset, len).await?)
     }
     async fn write(&self, offset: u64, data: IoBuf, fua: bool) -> Result<(), ChildError> {
-        Ok(self.replica.write(offset, data, fua).await?)
+        Ok(self.admitted().await?.write(offset, data, fua).await?)
     }
     async fn flush(&self) -> Result<(), ChildError> {
-        Ok(self.replica.flush().await?)
+        Ok(self.admitted().await?.flush().await?)
     }
     async fn trim(&self, offset: u64, len: u64) -> Result<(), ChildError> {
-        Ok(self.replica.trim(offset, len).await?)
+        Ok(self.admitted().await?.trim(offset, len).await?)
     }
     async fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool) -> Result<(), ChildError> {
-        Ok(self.replica.write_zeroes(offset, len, may_trim).await?)
+        Ok(self.admitted().await?.write_zeroes(offset, len, may_trim).await?)
     }
     async fn allocation(&self, offset: u64, len: u64) -> Result<Vec<ChildExtent>, ChildError> {
-        let map = self.replica.allocation(offset, len).await?;
+        let map = self.admitted().await?.allocation(offset, len).await?;
         Ok(map
             .into_iter()
             .map(|a| ChildExtent { offset: a.offset, length: a.length, allocated: a.allocated })

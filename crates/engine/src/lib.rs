@@ -25,6 +25,7 @@ mod grpc;
 mod metrics;
 pub mod nexus;
 mod pools;
+mod recorder_grpc;
 mod registration;
 // The remote child belongs with the other children in `nexus/`; declared from here until
 // `nexus/mod.rs` declares it.
@@ -47,6 +48,7 @@ pub use engine::{Endpoints, Engine};
 pub use error::EngineError;
 pub use grpc::{EngineService, to_status};
 pub use pools::{PoolStatus, PoolView};
+pub use recorder_grpc::{GrpcRecorder, RecorderTimeouts};
 pub use share::{Shares, nexus_export_name, replica_epoch_export_name, replica_export_name};
 
 /// The engine's version, reported to control.

@@ -39,6 +39,12 @@ fn control_url(control: &str) -> String {
     if control.contains("://") { control.to_owned() } else { format!("http://{control}") }
 }
 
+/// The gRPC endpoint of control (shared by registration and the nexus recorder).
+pub(crate) fn control_endpoint(control: &str) -> Result<Endpoint, BadEndpoint> {
+    Endpoint::from_shared(control_url(control))
+        .map_err(|source| BadEndpoint { endpoint: control.to_owned(), source })
+}
+
 pub struct Registration {
     client: RegistryClient<Channel>,
     node_id: NodeId,
@@ -55,9 +61,7 @@ impl Registration {
         endpoints: Endpoints,
         heartbeat: Duration,
     ) -> Result<Self, BadEndpoint> {
-        let bad = |source| BadEndpoint { endpoint: control.to_owned(), source };
-        let channel = Endpoint::from_shared(control_url(control))
-            .map_err(bad)?
+        let channel = control_endpoint(control)?
             .connect_timeout(CALL_TIMEOUT)
             .timeout(CALL_TIMEOUT)
             .connect_lazy();

@@ -1,33 +1,41 @@
 //! The nexus: a volume's target. Every volume is reached through exactly one nexus, which the
-//! engine shares over NBD under the volume's UUID.
+//! engine shares over NBD under the volume's UUID, and which keeps the volume's replicas (its
+//! children) identical.
 //!
 //! ```text
 //!   NBD client ──> share (export "<volume uuid>") ──> Nexus ──┬─> child: replica:///<uuid>  (local pool)
-//!                                                              ├─> child: nbd://B/replica-… (next issue)
-//!                                                              └─> child: nbd://C/replica-…
+//!                                                     │        ├─> child: nbd://B/replica-…@<epoch>
+//!                         persist task ──Recorder──>  │        └─> child: nbd://C/replica-…@<epoch>
+//!                         rebuild tasks (one per rebuilding child, copying from an online one)
 //! ```
 //!
-//! **Reads** go to one `online` child. If it errs, it is faulted and the read is retried on the
-//! next online child, so a client sees an error only when no copy is left.
+//! **Reads** go to one `online` child, local ones first. If it errs, it is faulted and the read
+//! is retried on the next online child, so a client sees an error only when no copy is left.
 //!
 //! **Writes, FLUSH, TRIM and WRITE_ZEROES** go to every child that receives writes (`online`
-//! and `rebuilding`), concurrently, and are acknowledged when all of them have answered. A
-//! child that fails is faulted and the operation still succeeds on the others; but the last
-//! online child is never faulted: its error goes to the client instead, because faulting it
-//! would leave the nexus with nothing current to serve. The membership rules live in
-//! [`state::ChildTable`], apart from the I/O, so they are tested without disks.
+//! and `rebuilding`), concurrently. A child that fails is faulted and the operation still
+//! succeeds on the others; but the last online child is never faulted: its error goes to the
+//! client instead. The membership rules live in [`state::ChildTable`], apart from the I/O.
+//!
+//! **Nothing is acknowledged on unrecorded state** ([`recorder`]): the table has a version,
+//! bumped on every membership change, that the persist task ([`persist`]) records; a write
+//! is acknowledged only once the recorded version is at least the one it saw when it
+//! completed. While a child is out, a write first gets its regions into the dirty-region log
+//! ([`dirty`]) and only then reaches the children. A recorder failure, or a sign that a newer
+//! nexus owns the volume (`Fenced`), stops this nexus: every later I/O fails.
+//!
+//! **Rebuilds** ([`rebuild`]) bring a child joining `Partial` or `Full` up to date region by
+//! region, under an exclusive region lock ([`range_lock`]) that writes share.
 //!
 //! **No lock is held across an await.** Each operation takes the table's lock just long enough
-//! to clone the `Arc`s of the children it needs, then does its I/O unlocked; a fault re-takes
-//! the lock briefly. The write buffer ([`IoBuf`]) passes through untouched to a single child;
-//! with several children all but the last get a copy, because each child's backend (io_uring,
-//! a socket) needs to own its buffer for the duration of the operation.
-//!
-//! **Seams for replication** (the next issue): a child added to a running nexus starts
-//! `rebuilding`; [`Nexus::complete`] is where a changed healthy-child set is persisted before
-//! the write that caused it is acknowledged; remote children implement [`Child`] over NBD.
+//! to clone the `Arc`s of the children it needs, then does its I/O unlocked.
 
 mod child;
+pub mod dirty;
+mod io;
+mod persist;
+mod range_lock;
+mod rebuild;
 pub mod recorder;
 mod state;
 #[cfg(test)]
@@ -35,17 +43,27 @@ pub(crate) mod testing;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
-use async_trait::async_trait;
-use futures::future::join_all;
 use parking_lot::Mutex;
-use trireme_iobuf::IoBuf;
-use trireme_nbd::{Export, ExportError, Extent};
-use trireme_types::{ChildState, NexusState, ReplicaId, VolumeId};
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use trireme_nbd::ExportError;
+use trireme_types::{ChildState, FaultReason, NexusState, ReplicaId, VolumeId};
 
 pub use child::{Child, ChildError, ChildExtent, ChildUri, ChildUriError, LocalChild};
-use state::ChildTable;
+pub use dirty::DirtyLog;
+pub(crate) use io::to_extents;
+use range_lock::RangeLock;
+pub use rebuild::RebuildLimits;
+pub use recorder::{Join, RebuildSummary, Recorder};
+use recorder::{MembershipRecord, NoRecorder, RecordError};
+use state::{AddOutcome, ChildTable, Slot};
 pub use state::{FaultOutcome, RemoveOutcome};
+
+/// How long `close` waits for the nexus's tasks to notice they were cancelled.
+const TASK_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a nexus cannot be built or changed as asked.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -60,6 +78,18 @@ pub enum NexusError {
     LastOnlineChild { replica: ReplicaId },
     #[error("a nexus only grows: {from} bytes to {to} bytes refused")]
     Shrink { from: u64, to: u64 },
+    /// No child joining `Online` could be opened: serving would expose stale data.
+    #[error("no current replica reachable")]
+    NoCurrentChild,
+    #[error("the dirty-region log has regions but no region size")]
+    InvalidDirtyLog,
+    /// The membership could not be recorded; the nexus stopped.
+    #[error(transparent)]
+    Record(#[from] RecordError),
+    #[error("the nexus stopped serving: {0}")]
+    Stopped(String),
+    #[error("the nexus is closed")]
+    Closed,
 }
 
 /// A snapshot of one child for listings.
@@ -68,44 +98,254 @@ pub struct ChildInfo {
     pub uri: ChildUri,
     pub replica: ReplicaId,
     pub state: ChildState,
+    /// For a faulted or rebuilding child: the rebuild it needs or is doing.
+    pub needs: Option<Join>,
+    /// The last rebuild of this child that finished in this nexus.
+    pub last_rebuild: Option<RebuildSummary>,
+}
+
+/// One child of a nexus being created.
+pub struct NewChild {
+    pub uri: ChildUri,
+    pub replica: ReplicaId,
+    /// `None`: the replica could not be opened; it starts faulted with what it needs.
+    pub child: Option<Arc<dyn Child>>,
+    pub join: Join,
+    /// Why it could not be opened (used when `child` is `None`).
+    pub fault: Option<FaultReason>,
+}
+
+impl NewChild {
+    pub fn opened(child: Arc<dyn Child>, join: Join) -> Self {
+        Self {
+            uri: child.uri().clone(),
+            replica: child.replica_id(),
+            child: Some(child),
+            join,
+            fault: None,
+        }
+    }
+
+    pub fn unopened(uri: ChildUri, replica: ReplicaId, join: Join, reason: FaultReason) -> Self {
+        Self { uri, replica, child: None, join, fault: Some(reason) }
+    }
+}
+
+/// What a nexus is created with, besides its children.
+pub struct NexusConfig {
+    /// The fencing epoch control claimed the children with.
+    pub epoch: u64,
+    /// The membership generation in the store.
+    pub generation: u64,
+    pub recorder: Arc<dyn Recorder>,
+    /// The dirty-region log from the store (regions missed by children joining `Partial`);
+    /// a region size of 0 picks the rule's size.
+    pub dirty: DirtyLog,
+    /// Shared by every nexus of the engine.
+    pub rebuild: Arc<RebuildLimits>,
+}
+
+impl NexusConfig {
+    /// A nexus recorded nowhere (tests, an engine without control).
+    pub fn standalone() -> Self {
+        Self {
+            epoch: 0,
+            generation: 0,
+            recorder: Arc::new(NoRecorder),
+            dirty: DirtyLog::default(),
+            rebuild: Arc::new(RebuildLimits::default()),
+        }
+    }
+}
+
+/// The dirty-region log and the regions waiting to be recorded in it.
+struct DirtyState {
+    /// Regions recorded (the store has them).
+    log: DirtyLog,
+    /// Regions asked for and not yet sent to the recorder.
+    pending: std::collections::BTreeSet<u64>,
+    /// The batch that will carry `pending`; `dirty_done` publishes the last one recorded.
+    next_batch: u64,
 }
 
 pub struct Nexus {
     volume: VolumeId,
+    epoch: u64,
+    generation: AtomicU64,
     size: AtomicU64,
     children: Mutex<ChildTable>,
+    dirty: Mutex<DirtyState>,
+    ranges: RangeLock,
+    recorder: Arc<dyn Recorder>,
+    limits: Arc<RebuildLimits>,
+    /// The latest table version the recorder stored.
+    persisted: watch::Sender<u64>,
+    /// The latest dirty-region batch the recorder stored.
+    dirty_done: watch::Sender<u64>,
+    /// Wakes the persist task (a stored permit: no wake-up is lost).
+    kick: Arc<Notify>,
+    /// Whether `start` ran: before it, nothing is recorded and nothing waits (the legacy
+    /// constructor's nexus is never started).
+    started: AtomicBool,
     closed: AtomicBool,
+    stopped: Mutex<Option<String>>,
+    stopped_flag: AtomicBool,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+    /// The cancellation of each running rebuild, with its rebuild id.
+    rebuild_cancels: Mutex<std::collections::HashMap<ReplicaId, (u64, CancellationToken)>>,
 }
 
 impl Nexus {
-    /// A nexus of `size` bytes over `children`, all online.
+    /// A nexus of `size` bytes over `children`, all online, recorded nowhere. Kept for
+    /// callers that predate replication; [`Nexus::create`] is the real constructor.
     pub fn new(
         volume: VolumeId,
         size: u64,
         children: Vec<Arc<dyn Child>>,
     ) -> Result<Self, NexusError> {
+        let children = children.into_iter().map(|c| NewChild::opened(c, Join::Online)).collect();
+        Self::build(volume, size, children, NexusConfig::standalone())
+    }
+
+    /// A nexus of `size` bytes over `children`. Children joining `Partial` or `Full` start
+    /// rebuilding, unopened ones start faulted; at least one `Online` child must be open.
+    /// Call [`Nexus::start`] before sharing it.
+    pub fn create(
+        volume: VolumeId,
+        size: u64,
+        children: Vec<NewChild>,
+        config: NexusConfig,
+    ) -> Result<Arc<Self>, NexusError> {
+        Self::build(volume, size, children, config).map(Arc::new)
+    }
+
+    fn build(
+        volume: VolumeId,
+        size: u64,
+        children: Vec<NewChild>,
+        config: NexusConfig,
+    ) -> Result<Self, NexusError> {
         if children.is_empty() {
             return Err(NexusError::NoChildren);
         }
+        let mut slots = Vec::with_capacity(children.len());
         for (i, c) in children.iter().enumerate() {
-            let replica = c.replica_id();
-            if children[..i].iter().any(|o| o.replica_id() == replica) {
+            let replica = c.replica;
+            if children[..i].iter().any(|o| o.replica == replica) {
                 return Err(NexusError::DuplicateChild { replica });
             }
-            if c.size() < size {
-                return Err(NexusError::ChildTooSmall { replica, size: c.size(), needed: size });
+            if let Some(child) = &c.child
+                && child.size() < size
+            {
+                return Err(NexusError::ChildTooSmall {
+                    replica,
+                    size: child.size(),
+                    needed: size,
+                });
             }
+        }
+        if !children
+            .iter()
+            .any(|c| c.join == Join::Online && c.child.is_some() && c.fault.is_none())
+        {
+            return Err(NexusError::NoCurrentChild);
+        }
+        for c in children {
+            let (state, needs) = match (&c.child, c.fault, c.join) {
+                (Some(_), None, Join::Online) => (ChildState::Online, None),
+                (Some(_), None, join) => {
+                    (ChildState::Rebuilding { done_bytes: 0, total_bytes: 0 }, Some(join))
+                }
+                (_, fault, join) => (
+                    ChildState::Faulted { reason: fault.unwrap_or(FaultReason::Disconnected) },
+                    Some(state::stronger(join, Join::Partial)),
+                ),
+            };
+            slots.push(Slot {
+                uri: c.uri,
+                replica: c.replica,
+                child: c.child,
+                state,
+                needs,
+                last_rebuild: None,
+                rebuilt_unrecorded: None,
+                rebuild_id: 0,
+            });
+        }
+        let mut dirty = config.dirty;
+        if dirty.region_bytes() == 0 {
+            if !dirty.is_empty() {
+                return Err(NexusError::InvalidDirtyLog);
+            }
+            dirty = DirtyLog::for_size(size);
         }
         Ok(Self {
             volume,
+            epoch: config.epoch,
+            generation: AtomicU64::new(config.generation),
             size: AtomicU64::new(size),
-            children: Mutex::new(ChildTable::new_online(children)),
+            children: Mutex::new(ChildTable::new(slots)),
+            dirty: Mutex::new(DirtyState {
+                log: dirty,
+                pending: Default::default(),
+                next_batch: 1,
+            }),
+            ranges: RangeLock::new(),
+            recorder: config.recorder,
+            limits: config.rebuild,
+            persisted: watch::Sender::new(0),
+            dirty_done: watch::Sender::new(0),
+            kick: Arc::new(Notify::new()),
+            started: AtomicBool::new(false),
             closed: AtomicBool::new(false),
+            stopped: Mutex::new(None),
+            stopped_flag: AtomicBool::new(false),
+            cancel: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            rebuild_cancels: Mutex::new(Default::default()),
         })
+    }
+
+    /// Records the initial membership (and clears a dirty-region log no child needs), then
+    /// starts the rebuilds of children joining `Partial` or `Full`. Call once, before the
+    /// nexus is shared; an error means it must not be shared (it has stopped).
+    pub async fn start(self: &Arc<Self>) -> Result<(), NexusError> {
+        if self.started.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        self.tasks.spawn(persist::run(
+            Arc::downgrade(self),
+            Arc::clone(&self.kick),
+            self.cancel.clone(),
+        ));
+        let version = self.children.lock().version();
+        self.kick.notify_one();
+        self.wait_persisted(version).await.map_err(|e| match e {
+            ExportError::ShuttingDown => NexusError::Closed,
+            _ => NexusError::Stopped(self.stopped_reason().unwrap_or_default()),
+        })?;
+        self.spawn_rebuilds();
+        tracing::info!(volume = %self.volume, epoch = self.epoch, "nexus started");
+        Ok(())
     }
 
     pub fn volume(&self) -> VolumeId {
         self.volume
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The membership generation the store last reported.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Why the nexus stopped serving (fenced, or its state could not be recorded).
+    pub fn stopped_reason(&self) -> Option<String> {
+        self.stopped.lock().clone()
     }
 
     pub fn state(&self) -> NexusState {
@@ -118,19 +358,26 @@ impl Nexus {
             .slots()
             .iter()
             .map(|s| ChildInfo {
-                uri: s.child.uri().clone(),
-                replica: s.child.replica_id(),
+                uri: s.uri.clone(),
+                replica: s.replica,
                 state: s.state,
+                needs: if s.state.is_readable() { None } else { s.needs },
+                last_rebuild: s.last_rebuild,
             })
             .collect()
     }
 
     /// Whether `replica` is one of this nexus's children.
     pub fn has_child(&self, replica: ReplicaId) -> bool {
-        self.children.lock().slots().iter().any(|s| s.child.replica_id() == replica)
+        self.children.lock().get(replica).is_some()
     }
 
-    /// Grows the nexus; every child must already hold `new_size` bytes. Idempotent.
+    /// A copy of the dirty-region log as recorded so far.
+    pub fn dirty_log(&self) -> DirtyLog {
+        self.dirty.lock().log.clone()
+    }
+
+    /// Grows the nexus; every open child must already hold `new_size` bytes. Idempotent.
     pub fn resize(&self, new_size: u64) -> Result<(), NexusError> {
         let table = self.children.lock();
         let current = self.size.load(Ordering::Acquire);
@@ -138,37 +385,63 @@ impl Nexus {
             return Err(NexusError::Shrink { from: current, to: new_size });
         }
         for s in table.slots() {
-            let size = s.child.size();
-            if size < new_size {
-                let replica = s.child.replica_id();
-                return Err(NexusError::ChildTooSmall { replica, size, needed: new_size });
+            if let Some(child) = &s.child
+                && child.size() < new_size
+            {
+                let size = child.size();
+                return Err(NexusError::ChildTooSmall {
+                    replica: s.replica,
+                    size,
+                    needed: new_size,
+                });
             }
         }
         self.size.store(new_size, Ordering::Release);
         Ok(())
     }
 
-    /// Adds a child that starts `rebuilding`: it takes every write from now on and serves
-    /// reads once a rebuild has copied the rest and marked it online.
-    pub fn add_child(&self, child: Arc<dyn Child>) -> Result<(), NexusError> {
+    /// Adds a child that is brought up to date by a rebuild (`Partial` copies the dirty
+    /// regions, `Full` everything; `Online` is taken as `Partial`). It receives every write
+    /// from now on and serves reads once rebuilt. Idempotent: a child already online or
+    /// rebuilding is left alone; a faulted one is re-opened in place with `child`.
+    pub fn add_child(
+        self: &Arc<Self>,
+        child: Arc<dyn Child>,
+        join: Join,
+    ) -> Result<(), NexusError> {
+        self.check_serving()?;
         let size = self.size.load(Ordering::Acquire);
         let replica = child.replica_id();
         if child.size() < size {
             return Err(NexusError::ChildTooSmall { replica, size: child.size(), needed: size });
         }
-        self.children
-            .lock()
-            .add_rebuilding(child, size)
-            .map_err(|_| NexusError::DuplicateChild { replica })?;
-        tracing::info!(volume = %self.volume, %replica, "child added, rebuilding");
+        let outcome = self.children.lock().add(child, join, 0);
+        match outcome {
+            AddOutcome::Present => return Ok(()),
+            AddOutcome::Added => {
+                tracing::info!(volume = %self.volume, %replica, ?join, "child added, rebuilding")
+            }
+            AddOutcome::Reopened => {
+                tracing::info!(volume = %self.volume, %replica, ?join, "faulted child re-opened, rebuilding")
+            }
+        }
+        self.kick.notify_one();
+        if self.started.load(Ordering::Acquire) {
+            self.spawn_rebuilds();
+        }
         Ok(())
     }
 
-    /// Removes a child (shrink, drain). Idempotent; the last online child is never removed.
+    /// Removes a child (shrink, drain, replacement), cancelling its rebuild. Idempotent; the
+    /// last online child is never removed.
     pub fn remove_child(&self, replica: ReplicaId) -> Result<(), NexusError> {
         let outcome = self.children.lock().remove(replica);
         match outcome {
             RemoveOutcome::Removed => {
+                if let Some((_, token)) = self.rebuild_cancels.lock().remove(&replica) {
+                    token.cancel();
+                }
+                self.kick.notify_one();
                 tracing::info!(volume = %self.volume, %replica, "child removed");
                 Ok(())
             }
@@ -177,206 +450,138 @@ impl Nexus {
         }
     }
 
-    /// Stops serving: later I/O fails with `ShuttingDown`; completed writes are flushed.
+    /// Waits until the current membership is recorded (e.g. before answering AddChild).
+    pub async fn recorded(&self) -> Result<(), NexusError> {
+        let version = self.children.lock().version();
+        self.wait_persisted(version).await.map_err(|_| self.not_serving())
+    }
+
+    /// Stops serving: completed writes are flushed, rebuilds cancelled, and the final
+    /// membership is recorded as a clean shutdown. Later I/O fails with `ShuttingDown`.
     pub async fn close(&self) -> Result<(), ExportError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Ok(());
+        }
         // Flush first, then refuse I/O: a client's last acknowledged writes become durable
         // even when the nexus is destroyed under it.
-        let result = self.flush_children().await;
-        self.closed.store(true, Ordering::Release);
+        let flushed = if self.is_stopped() { Ok(()) } else { self.flush_children().await };
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return flushed;
+        }
+        self.cancel.cancel();
+        self.tasks.close();
+        self.wake_waiters();
+        if tokio::time::timeout(TASK_STOP_TIMEOUT, self.tasks.wait()).await.is_err() {
+            tracing::warn!(volume = %self.volume, "nexus tasks did not stop in time");
+        }
+        let mut result = flushed;
+        if self.started.load(Ordering::Acquire) && !self.is_stopped() {
+            let (_, record) = self.membership_record(true);
+            if let Err(e) = self.recorder.record_children(record).await {
+                tracing::warn!(volume = %self.volume, error = %e, "recording the clean shutdown failed");
+                result = result.and(Err(ExportError::Io(e.to_string())));
+            }
+        }
+        tracing::info!(volume = %self.volume, "nexus closed");
         result
     }
 
-    fn check_open(&self) -> Result<(), ExportError> {
-        if self.closed.load(Ordering::Acquire) {
-            return Err(ExportError::ShuttingDown);
+    /// The membership to record now, with `clear_dirty` when every child is online; clearing
+    /// the in-memory log happens here, under the same locks that writers check it under, so
+    /// a region marked later (after a new fault) is recorded after this record.
+    /// Returns the table version the record describes.
+    fn membership_record(&self, clean_shutdown: bool) -> (u64, MembershipRecord) {
+        let table = self.children.lock();
+        let clear_dirty = table.all_online();
+        if clear_dirty {
+            self.dirty.lock().log.clear();
+        }
+        let record = MembershipRecord {
+            volume: self.volume,
+            epoch: self.epoch,
+            children: table.records(),
+            clear_dirty,
+            clean_shutdown,
+        };
+        (table.version(), record)
+    }
+
+    fn is_stopped(&self) -> bool {
+        self.stopped_flag.load(Ordering::Acquire)
+    }
+
+    /// Stops serving for good: every later I/O fails, tasks are cancelled.
+    fn stop(&self, reason: String) {
+        {
+            let mut stopped = self.stopped.lock();
+            if stopped.is_some() {
+                return;
+            }
+            tracing::error!(volume = %self.volume, %reason, "nexus stops serving");
+            *stopped = Some(reason);
+        }
+        self.stopped_flag.store(true, Ordering::Release);
+        self.cancel.cancel();
+        self.wake_waiters();
+    }
+
+    fn wake_waiters(&self) {
+        self.persisted.send_modify(|_| {});
+        self.dirty_done.send_modify(|_| {});
+    }
+
+    fn not_serving(&self) -> NexusError {
+        match self.stopped_reason() {
+            Some(reason) => NexusError::Stopped(reason),
+            None => NexusError::Closed,
+        }
+    }
+
+    fn check_serving(&self) -> Result<(), NexusError> {
+        if self.is_stopped() || self.closed.load(Ordering::Acquire) {
+            return Err(self.not_serving());
         }
         Ok(())
     }
 
-    /// Faults the child after `err`; returns whether the I/O may go on without it.
-    fn fault_child(&self, replica: ReplicaId, err: &ChildError) -> bool {
-        let reason = err.fault_reason();
-        let outcome = self.children.lock().fault(replica, reason);
-        match outcome {
-            FaultOutcome::Faulted => {
-                tracing::warn!(volume = %self.volume, %replica, %reason, error = %err, "child faulted");
-                true
+    /// Starts a task for every rebuilding child that has none.
+    fn spawn_rebuilds(self: &Arc<Self>) {
+        let jobs = {
+            let mut table = self.children.lock();
+            let jobs = table.unassigned_rebuilds();
+            let dirty = self.dirty.lock();
+            let size = self.size.load(Ordering::Acquire);
+            jobs.into_iter()
+                .map(|(replica, id, target, kind)| {
+                    let regions = match kind {
+                        Join::Partial => dirty.log.iter().collect(),
+                        _ => (0..size.div_ceil(dirty.log.region_bytes())).collect(),
+                    };
+                    rebuild::Job {
+                        replica,
+                        id,
+                        target,
+                        kind,
+                        regions,
+                        region_bytes: dirty.log.region_bytes(),
+                    }
+                })
+                .collect::<Vec<_>>()
+        };
+        for job in jobs {
+            let token = self.cancel.child_token();
+            let old = self.rebuild_cancels.lock().insert(job.replica, (job.id, token.clone()));
+            if let Some((_, old)) = old {
+                old.cancel();
             }
-            FaultOutcome::AlreadyFaulted | FaultOutcome::Unknown => true,
-            FaultOutcome::RefusedLastOnline => {
-                tracing::debug!(volume = %self.volume, %replica, error = %err,
-                    "I/O error on the last online child, returned to the client");
-                false
-            }
+            self.tasks.spawn(rebuild::run(Arc::downgrade(self), job, token));
         }
-    }
-
-    /// The children a write must reach; none when no child is online (the nexus is faulted
-    /// and must not accept writes that only a stale copy would hold).
-    fn writers(&self) -> Result<Vec<Arc<dyn Child>>, ExportError> {
-        let table = self.children.lock();
-        if table.reader().is_none() {
-            return Err(faulted());
-        }
-        Ok(table.writers())
-    }
-
-    /// Waits for one fanned-out operation on every child and settles the outcome: failed
-    /// children are faulted; the client sees an error only if the last online child failed.
-    async fn complete<F>(&self, ops: impl IntoIterator<Item = F>) -> Result<(), ExportError>
-    where
-        F: Future<Output = (ReplicaId, Result<(), ChildError>)>,
-    {
-        let mut client_error = None;
-        for (replica, result) in join_all(ops).await {
-            if let Err(e) = result
-                && !self.fault_child(replica, &e)
-            {
-                client_error.get_or_insert(e);
-            }
-        }
-        // Replication persists the healthy-child set here, before acknowledging, whenever
-        // the loop above faulted a child.
-        match client_error {
-            None => Ok(()),
-            Some(e) => Err(to_export_error(e)),
-        }
-    }
-
-    async fn flush_children(&self) -> Result<(), ExportError> {
-        let writers = self.writers()?;
-        self.complete(writers.into_iter().map(|c| async move { (c.replica_id(), c.flush().await) }))
-            .await
     }
 }
 
-fn faulted() -> ExportError {
-    ExportError::Io("nexus is faulted: no online child".to_owned())
-}
-
-fn to_export_error(e: ChildError) -> ExportError {
-    match e {
-        ChildError::NoSpace => ExportError::NoSpace,
-        other => ExportError::Io(other.to_string()),
-    }
-}
-
-/// Turns a child's allocation runs into block-status extents covering `[offset, offset+len)`
-/// from its start, contiguous and merged. A gap or a short map ends the reply early (the
-/// protocol allows fewer bytes than asked); an unusable map answers "allocated", which is
-/// always safe: a client then simply reads the data.
-pub(crate) fn to_extents(offset: u64, len: u64, runs: &[ChildExtent]) -> Vec<Extent> {
-    let end = offset.saturating_add(len);
-    let mut out: Vec<Extent> = Vec::new();
-    let mut pos = offset;
-    for run in runs {
-        let run_end = run.offset.saturating_add(run.length);
-        if run_end <= pos {
-            continue;
-        }
-        if run.offset > pos || pos >= end {
-            break;
-        }
-        let length = run_end.min(end) - pos;
-        let hole = !run.allocated;
-        match out.last_mut() {
-            Some(last) if last.hole == hole => last.length += length,
-            _ => out.push(Extent { length, hole, zero: hole }),
-        }
-        pos += length;
-    }
-    if out.is_empty() {
-        out.push(Extent { length: len, hole: false, zero: false });
-    }
-    out
-}
-
-#[async_trait]
-impl Export for Nexus {
-    fn size(&self) -> u64 {
-        self.size.load(Ordering::Acquire)
-    }
-
-    async fn read(&self, offset: u64, len: u32) -> Result<IoBuf, ExportError> {
-        self.check_open()?;
-        loop {
-            let child = self.children.lock().reader().ok_or_else(faulted)?;
-            match child.read(offset, len).await {
-                Ok(buf) => return Ok(buf),
-                // Each failed attempt faults one child, so this loop ends.
-                Err(e) if self.fault_child(child.replica_id(), &e) => continue,
-                Err(e) => return Err(to_export_error(e)),
-            }
-        }
-    }
-
-    async fn write(&self, offset: u64, data: IoBuf, fua: bool) -> Result<(), ExportError> {
-        self.check_open()?;
-        let writers = self.writers()?;
-        let last = writers.len().saturating_sub(1);
-        let mut data = Some(data);
-        let ops = writers.into_iter().enumerate().map(|(i, child)| {
-            // The last child takes the original buffer; the others get copies.
-            let buf = if i == last { data.take() } else { data.clone() };
-            async move {
-                let result = match buf {
-                    Some(buf) => child.write(offset, buf, fua).await,
-                    None => Err(ChildError::Io("write buffer missing".to_owned())),
-                };
-                (child.replica_id(), result)
-            }
-        });
-        let ops: Vec<_> = ops.collect();
-        self.complete(ops).await
-    }
-
-    async fn flush(&self) -> Result<(), ExportError> {
-        self.check_open()?;
-        self.flush_children().await
-    }
-
-    async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), ExportError> {
-        self.check_open()?;
-        let writers = self.writers()?;
-        self.complete(writers.into_iter().map(|c| async move {
-            let mut result = c.trim(offset, len).await;
-            if fua && result.is_ok() {
-                result = c.flush().await;
-            }
-            (c.replica_id(), result)
-        }))
-        .await
-    }
-
-    async fn write_zeroes(
-        &self,
-        offset: u64,
-        len: u64,
-        may_trim: bool,
-        fua: bool,
-    ) -> Result<(), ExportError> {
-        self.check_open()?;
-        let writers = self.writers()?;
-        self.complete(writers.into_iter().map(|c| async move {
-            let mut result = c.write_zeroes(offset, len, may_trim).await;
-            if fua && result.is_ok() {
-                result = c.flush().await;
-            }
-            (c.replica_id(), result)
-        }))
-        .await
-    }
-
-    async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, ExportError> {
-        self.check_open()?;
-        loop {
-            let child = self.children.lock().reader().ok_or_else(faulted)?;
-            match child.allocation(offset, len).await {
-                Ok(runs) => return Ok(to_extents(offset, len, &runs)),
-                Err(e) if self.fault_child(child.replica_id(), &e) => continue,
-                Err(e) => return Err(to_export_error(e)),
-            }
-        }
+impl Drop for Nexus {
+    fn drop(&mut self) {
+        self.cancel.cancel();
     }
 }
 

@@ -34,6 +34,16 @@ impl MemChild {
         }
     }
 
+    /// A child that looks remote (an `nbd://` URI): the nexus reads local children first.
+    pub fn remote(size: u64) -> Self {
+        let mut c = Self::new(size);
+        c.uri = ChildUri::Nbd {
+            authority: "10.0.0.2:10809".to_owned(),
+            export: format!("replica-{}", c.id),
+        };
+        c
+    }
+
     pub fn contents(&self, offset: u64, len: usize) -> Vec<u8> {
         self.data.lock()[offset as usize..offset as usize + len].to_vec()
     }

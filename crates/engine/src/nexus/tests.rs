@@ -3,7 +3,9 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use trireme_types::FaultReason;
+use trireme_iobuf::IoBuf;
+use trireme_nbd::{Export, ExportError, Extent};
+use trireme_types::{ChildState, FaultReason, NexusState, VolumeId};
 
 use super::testing::MemChild;
 use super::*;
@@ -160,14 +162,14 @@ async fn a_closed_nexus_refuses_io() {
 #[tokio::test]
 async fn an_added_child_takes_writes_but_serves_no_reads_until_rebuilt() {
     let (n, mems) = nexus(1);
+    let n = Arc::new(n);
     let new = Arc::new(MemChild::new(SIZE));
-    n.add_child(Arc::clone(&new) as Arc<dyn Child>).unwrap();
+    n.add_child(Arc::clone(&new) as Arc<dyn Child>, Join::Full).unwrap();
+    // Idempotent.
+    n.add_child(Arc::clone(&new) as Arc<dyn Child>, Join::Full).unwrap();
+    assert_eq!(n.children().len(), 2);
     assert!(matches!(
-        n.add_child(Arc::clone(&new) as Arc<dyn Child>),
-        Err(NexusError::DuplicateChild { .. })
-    ));
-    assert!(matches!(
-        n.add_child(Arc::new(MemChild::new(SIZE / 2))),
+        n.add_child(Arc::new(MemChild::new(SIZE / 2)), Join::Full),
         Err(NexusError::ChildTooSmall { .. })
     ));
     assert_eq!(n.state(), NexusState::Degraded);

@@ -4,6 +4,8 @@
 //!   CLI and signals, cleaning up every process and dumping every log when a test fails.
 //! - [`checker`] (and the `trireme-checker` binary): proves that writes acknowledged before a
 //!   completed FLUSH survive a crash.
+//! - [`hosts`]: control and engines in network namespaces ("hosts") on a per-test bridge,
+//!   with real faults: SIGKILL, links taken down, partitions from control, failing disks.
 //! - [`tools`], [`guards`], [`procs`]: external tools with timeouts, mount/loop guards, /proc.
 //!
 //! NBD traffic from Rust goes through `trireme_nbd::Client`; the malformed-traffic tests build
@@ -28,6 +30,7 @@
 pub mod checker;
 pub mod cluster;
 pub mod guards;
+pub mod hosts;
 pub mod procs;
 pub mod tools;
 

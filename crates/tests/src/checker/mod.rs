@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
-use rand::Rng;
+use rand::{Rng, SeedableRng};
 
 use trireme_iobuf::IoBuf;
 use trireme_nbd::{Client, ClientError, ClientOptions};
@@ -111,7 +111,9 @@ pub async fn write(opts: &WriteOptions) -> Result<WriteReport, CheckerError> {
     let lw = log_write_err(&opts.log);
 
     let depth = opts.depth.max(1);
-    let mut rng = rand::rng();
+    // A seeded StdRng rather than the thread-local one: `write` must be Send so it can run
+    // as a task beside the faults a test injects.
+    let mut rng = rand::rngs::StdRng::from_rng(&mut rand::rng());
     let mut inflight: FuturesUnordered<BoxFuture<'static, WriteDone>> = FuturesUnordered::new();
     let mut busy: HashSet<u64> = HashSet::new();
     let mut dirty: HashMap<u64, u64> = HashMap::new();

@@ -20,6 +20,14 @@ pub struct ControlArgs {
     /// Seconds between reconcile passes (they also run when something changes).
     #[arg(long, env = "TRIREME_RECONCILE_SECS", default_value_t = 2)]
     pub reconcile_secs: u64,
+    /// Seconds a faulted replica must be reachable again before it is added back to its
+    /// nexus (and between two attempts).
+    #[arg(long, env = "TRIREME_CHILD_RETRY_SECS", default_value_t = 3)]
+    pub child_retry_secs: u64,
+    /// Seconds a replica may stay faulted before control places a new one elsewhere and drops
+    /// it.
+    #[arg(long, env = "TRIREME_REPLICA_REPLACE_SECS", default_value_t = 300)]
+    pub replica_replace_secs: u64,
 }
 
 impl ControlArgs {
@@ -31,6 +39,8 @@ impl ControlArgs {
             data_dir: data_dir.into(),
             node_timeout_secs: 10,
             reconcile_secs: 2,
+            child_retry_secs: 3,
+            replica_replace_secs: 300,
         }
     }
 }

@@ -7,6 +7,8 @@
 //!                                      │     2. pools     create/import missing, finish deleting
 //!                                      │     3. volumes   finish creating / resizing / deleting
 //!                                      │     4. nexuses   create for published volumes
+//!                                      │    4b. children  re-add returning ones, replace lost
+//!                                      │                  ones, stamp generations
 //!                                      │     5. orphans   destroy_orphaned nexuses and replicas
 //!                                      └─> pass_done() (publish waiters re-check)
 //! ```
@@ -17,6 +19,7 @@
 //! restarted reloaded the spec from the store and observes before acting.
 //! Failures become events, once per distinct failure (not once per pass).
 
+mod children;
 mod nexus;
 mod pool;
 mod volume;
@@ -32,9 +35,44 @@ use trireme_types::{NodeId, ReplicaId, VolumeId};
 use crate::events::Kind;
 use crate::registry::{Observation, Registry};
 
+/// How often and how patiently the reconciler acts (from the control flags).
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// Between passes (they also run when something changes).
+    pub period: Duration,
+    /// How long a faulted child must be reachable again before it is added back, and the
+    /// least time between two attempts.
+    pub child_retry: Duration,
+    /// How long a child may stay faulted before a new replica replaces it.
+    pub replace_after: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            period: Duration::from_secs(2),
+            child_retry: Duration::from_secs(3),
+            replace_after: Duration::from_secs(300),
+        }
+    }
+}
+
+impl Settings {
+    pub fn from_args(args: &crate::ControlArgs) -> Self {
+        Self {
+            period: Duration::from_secs(args.reconcile_secs.max(1)),
+            child_retry: Duration::from_secs(args.child_retry_secs),
+            replace_after: Duration::from_secs(args.replica_replace_secs),
+        }
+    }
+}
+
 /// The reconciler's memory between passes (never persisted).
 #[derive(Debug, Default)]
 pub struct Reconciler {
+    settings: Settings,
+    /// Faulted children seen reachable again: since when (or since the last attempt).
+    joinable_since: children::JoinTimes,
     /// The last failure reported per subject, so a failure is an event once, not every pass.
     failures: HashMap<String, String>,
     pool_states: HashMap<trireme_types::PoolId, trireme_api::PoolState>,
@@ -44,8 +82,9 @@ pub struct Reconciler {
 }
 
 /// Runs passes until cancelled.
-pub async fn run(registry: Arc<Registry>, period: Duration, cancel: CancellationToken) {
-    let mut rec = Reconciler::default();
+pub async fn run(registry: Arc<Registry>, settings: Settings, cancel: CancellationToken) {
+    let period = settings.period;
+    let mut rec = Reconciler { settings, ..Reconciler::default() };
     loop {
         tokio::select! {
             _ = cancel.cancelled() => break,
@@ -79,6 +118,7 @@ impl Reconciler {
         self.pools(reg).await;
         self.volumes(reg).await;
         self.nexuses(reg).await;
+        self.children(reg).await;
         self.destroy_orphaned(reg).await;
         self.state_events(reg).await;
     }

@@ -11,9 +11,9 @@ use trireme_types::{NodeId, ReplicaId, VolumeId};
 
 use super::Reconciler;
 use crate::events::Kind;
-use crate::registry::Registry;
-use crate::registry::records::VolumePhase;
-use crate::registry::volumes::replica_uri;
+use crate::registry::membership::join_of;
+use crate::registry::records::{VolumePhase, VolumeRecord};
+use crate::registry::{Registry, State};
 
 impl Reconciler {
     /// Step 4: create the nexus of every published volume whose node does not report it.
@@ -36,9 +36,23 @@ impl Reconciler {
             let subject = format!("nexus of volume {id}");
             let lost = self.nexuses_seen.contains(&id);
             match create_nexus(reg, id, lost).await {
-                Ok(()) => {
+                Ok(Created::Yes) => {
                     self.succeeded(&subject);
                     self.nexuses_seen.insert(id);
+                }
+                Ok(Created::Waiting(message)) => {
+                    let changed = reg.state.write().volume_messages.insert(id, message.clone())
+                        != Some(message.clone());
+                    if changed {
+                        reg.events()
+                            .record(
+                                Kind::Volume,
+                                id,
+                                "volume_waiting",
+                                format!("volume {id}: {message}"),
+                            )
+                            .await;
+                    }
                 }
                 Err(e) => self.failed(reg, Kind::Nexus, &id.to_string(), subject, e).await,
             }
@@ -115,29 +129,89 @@ impl Reconciler {
     }
 }
 
-/// Creates a volume's nexus over its local replicas and records what the engine reports.
-/// `lost`: the nexus had been seen on its node before, so it vanished (an engine restart).
-async fn create_nexus(reg: &Registry, id: VolumeId, lost: bool) -> Result<(), crate::ControlError> {
-    let _guard = reg.lock_volume(id).await;
-    let Some(record) = reg.volume_record(&id) else { return Ok(()) };
-    let Some(node) = record.publish.clone() else { return Ok(()) };
-    let Some(endpoint) = reg.state.read().online_endpoint(&node) else { return Ok(()) };
-    let children: Vec<rpc::ChildSpec> = record
-        .replicas
+/// What creating a volume's nexus came to.
+pub(super) enum Created {
+    Yes,
+    /// Not created: no replica recorded online is on an online node. The message names the
+    /// replicas it waits for.
+    Waiting(String),
+}
+
+/// The children of a new nexus on `node`: every replica, joining as the store says (online,
+/// or partial/full for one that missed writes). `Err(message)` when none recorded online has
+/// its node online: creating over stale replicas only would serve old data.
+pub(crate) fn nexus_children(
+    st: &State,
+    v: &VolumeRecord,
+    node: &NodeId,
+) -> Result<Vec<rpc::ChildSpec>, String> {
+    let online = v.online_replicas();
+    let current_reachable =
+        v.replicas.iter().any(|r| online.contains(&r.id) && st.node_online(&r.node));
+    if !current_reachable {
+        let waiting: Vec<String> = v
+            .replicas
+            .iter()
+            .filter(|r| online.contains(&r.id))
+            .map(|r| format!("replica {} on {}", r.id, r.node))
+            .collect();
+        return Err(if waiting.is_empty() {
+            "no current replica: every replica missed writes; none can be trusted as a source"
+                .to_owned()
+        } else {
+            format!("no current replica reachable: waiting for {}", waiting.join(", "))
+        });
+    }
+    Ok(v.replicas
         .iter()
-        .filter(|r| r.node == node)
-        .map(|r| rpc::ChildSpec {
-            uri: replica_uri(r),
-            replica_uuid: r.id.to_string(),
-            ..Default::default()
+        .filter_map(|r| {
+            let uri = st.child_uri(node, r)?;
+            Some(rpc::ChildSpec {
+                uri,
+                replica_uuid: r.id.to_string(),
+                join: join_of(v.child_needs(&r.id)) as i32,
+            })
         })
-        .collect();
+        .collect())
+}
+
+/// Creates a volume's nexus over all its replicas and records what the engine reports.
+/// `lost`: the nexus had been seen on its node before, so it vanished (an engine restart).
+///
+/// The epoch is bumped and persisted BEFORE CreateNexus: every child is claimed with it, so
+/// any older nexus still running somewhere (a partitioned node) is fenced off its replicas and
+/// its RecordChildren refused.
+async fn create_nexus(
+    reg: &Registry,
+    id: VolumeId,
+    lost: bool,
+) -> Result<Created, crate::ControlError> {
+    let _guard = reg.lock_volume(id).await;
+    let Some(record) = reg.volume_record(&id) else { return Ok(Created::Yes) };
+    let Some(node) = record.publish.clone() else { return Ok(Created::Yes) };
+    let (endpoint, children) = {
+        let st = reg.state.read();
+        let Some(endpoint) = st.online_endpoint(&node) else { return Ok(Created::Yes) };
+        match nexus_children(&st, &record, &node) {
+            Ok(c) => (endpoint, c),
+            Err(message) => return Ok(Created::Waiting(message)),
+        }
+    };
+    let dirty = reg.dirty_log(&id).await?;
+    let (record, epoch) = reg
+        .update_volume(id, |r| {
+            r.epoch += 1;
+            Ok(r.epoch)
+        })
+        .await?;
     let mut client = reg.engines.client(&node, &endpoint)?;
     let req = rpc::CreateNexusRequest {
         volume_uuid: id.to_string(),
         size_bytes: record.size.bytes(),
         children,
-        ..Default::default()
+        epoch,
+        generation: record.generation,
+        dirty: dirty.map(|d| rpc::DirtyLog { region_bytes: d.region_bytes, bitmap: d.regions }),
     };
     let nexus = match reg.engines.call(&node, "CreateNexus", client.create_nexus(req)).await {
         Ok(n) => n,
@@ -152,6 +226,7 @@ async fn create_nexus(reg: &Registry, id: VolumeId, lost: bool) -> Result<(), cr
     {
         let mut st = reg.state.write();
         st.nexus_errors.remove(&id);
+        st.volume_messages.remove(&id);
         st.touch(&node).nexuses.insert(id, nexus);
     }
     reg.events()
@@ -160,13 +235,13 @@ async fn create_nexus(reg: &Registry, id: VolumeId, lost: bool) -> Result<(), cr
             id,
             if lost { "nexus_recreated" } else { "published" },
             if lost {
-                format!("the nexus of volume {} was gone from node {node} (engine restarted?); recreated at {uri}", record.name)
+                format!("the nexus of volume {} was gone from node {node} (engine restarted?); recreated at {uri} (epoch {epoch})", record.name)
             } else {
-                format!("volume {} is published on node {node} at {uri}", record.name)
+                format!("volume {} is published on node {node} at {uri} (epoch {epoch})", record.name)
             },
         )
         .await;
-    Ok(())
+    Ok(Created::Yes)
 }
 
 async fn destroy_replica(

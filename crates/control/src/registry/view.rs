@@ -1,12 +1,19 @@
 //! The REST resources, derived from spec (records) and status (observations). Pure functions of
 //! [`State`], so what a client sees is always one consistent snapshot.
+//!
+//! Child states (and rebuild progress) come from the observed nexus, the engine's live view;
+//! the last finished rebuild and the generation come from the store (what the nexus recorded),
+//! so they survive an engine restart. A published volume without a nexus shows `faulted` with
+//! the reconciler's reason (e.g. the replicas it waits for).
 
 use trireme_api::{
-    Child, Node, NodeSpec, NodeStatus, Pool, PoolSpec, PoolState, PoolStatus, Replica,
+    Child, Node, NodeSpec, NodeStatus, Pool, PoolSpec, PoolState, PoolStatus, RebuildInfo, Replica,
     ReplicaState, ReplicaStatus, Target, Volume, VolumeSpec, VolumeStatus,
 };
 use trireme_rpc as rpc;
-use trireme_types::{ByteSize, ChildState, FaultReason, NexusState, NodeState, VolumeState};
+use trireme_types::{
+    ByteSize, ChildState, FaultReason, NexusState, NodeState, ReplicaId, VolumeState,
+};
 
 use super::records::{ReplicaRecord, VolumeRecord};
 use super::{NodeEntry, PoolEntry, State};
@@ -137,7 +144,15 @@ pub fn replica(st: &State, v: &VolumeRecord, r: &ReplicaRecord) -> Replica {
         node: r.node.clone(),
         size,
         thin: v.thin,
-        status: ReplicaStatus { state, allocated, child, generation: 0, last_rebuild: None },
+        status: ReplicaStatus {
+            state,
+            allocated,
+            child,
+            generation: observed
+                .and_then(|o| o.replicas.get(&r.id))
+                .map_or(0, |rep| rep.generation),
+            last_rebuild: last_rebuild(v, &r.id, None),
+        },
     }
 }
 
@@ -152,21 +167,57 @@ pub fn volume(st: &State, v: &VolumeRecord) -> Volume {
                 .children
                 .iter()
                 .filter_map(|c| {
+                    let replica: ReplicaId = c.replica_uuid.parse().ok()?;
                     Some(Child {
-                        replica: c.replica_uuid.parse().ok()?,
+                        replica,
                         uri: c.uri.clone(),
                         state: child_state(c),
-                        last_rebuild: None,
+                        last_rebuild: last_rebuild(v, &replica, Some(c)),
                     })
                 })
                 .collect(),
         }),
         _ => None,
     };
-    let state = match &target {
-        Some(t) => VolumeState::from(t.state),
-        None => VolumeState::Unknown,
+    // Why a published volume on a reachable node has no nexus: the reconciler's reason, or
+    // the engine's refusal.
+    let waiting =
+        v.publish.as_ref().filter(|n| target.is_none() && st.node_online(n)).and_then(|_| {
+            st.volume_messages
+                .get(&v.id)
+                .cloned()
+                .or_else(|| st.nexus_errors.get(&v.id).map(|e| e.to_string()))
+        });
+    let state = match (&target, &waiting) {
+        (Some(t), _) => VolumeState::from(t.state),
+        (None, Some(_)) => VolumeState::Faulted,
+        (None, None) => VolumeState::Unknown,
     };
+    let message = waiting.or_else(|| {
+        let t = target.as_ref()?;
+        let out: Vec<String> = t
+            .children
+            .iter()
+            .filter_map(|c| match c.state {
+                ChildState::Online => None,
+                ChildState::Faulted { reason } => Some(format!(
+                    "replica {} is faulted ({})",
+                    c.replica,
+                    serde_json::to_value(reason)
+                        .ok()
+                        .and_then(|x| x.as_str().map(str::to_owned))
+                        .unwrap_or_default()
+                )),
+                ChildState::Rebuilding { done_bytes, total_bytes } => Some(format!(
+                    "replica {} is rebuilding ({} of {})",
+                    c.replica,
+                    ByteSize::b(done_bytes),
+                    ByteSize::b(total_bytes)
+                )),
+            })
+            .collect();
+        (!out.is_empty()).then(|| out.join("; "))
+    });
     Volume {
         id: v.id,
         name: v.name.clone(),
@@ -180,10 +231,23 @@ pub fn volume(st: &State, v: &VolumeRecord) -> Volume {
             state,
             target,
             replicas: v.replicas.iter().map(|r| replica(st, v, r)).collect(),
-            generation: 0,
-            message: None,
+            generation: v.generation,
+            message,
         },
     }
+}
+
+/// A replica's last finished rebuild: as recorded in the store, else as its nexus reports it.
+fn last_rebuild(v: &VolumeRecord, r: &ReplicaId, c: Option<&rpc::Child>) -> Option<RebuildInfo> {
+    v.children.get(r).and_then(|e| e.last_rebuild).or_else(|| {
+        let c = c?;
+        let kind = crate::registry::membership::rebuild_kind(c.last_rebuild_kind)?;
+        Some(RebuildInfo {
+            kind,
+            copied: ByteSize::b(c.last_rebuild_copied_bytes),
+            duration_ms: c.last_rebuild_millis,
+        })
+    })
 }
 
 #[cfg(test)]
@@ -285,5 +349,33 @@ mod tests {
         let (st, mut v) = state_with(&[C::Online], true);
         v.publish = None;
         assert_eq!(volume(&st, &v).status.state, VolumeState::Unknown);
+    }
+
+    #[test]
+    fn a_waiting_volume_is_faulted_with_its_reason_and_rebuilds_are_shown() {
+        use crate::registry::records::ChildStatusRecord;
+        use rpc::ChildState as C;
+        let (mut st, v) = state_with(&[C::Online], true);
+        st.observed.values_mut().for_each(|o| o.nexuses.clear());
+        st.volume_messages.insert(v.id, "no current replica reachable: waiting for x".into());
+        let got = volume(&st, &v);
+        assert_eq!(got.status.state, VolumeState::Faulted);
+        assert!(got.status.message.unwrap().contains("waiting for x"));
+
+        let (st, mut v) = state_with(&[C::Online, C::Rebuilding], true);
+        let info = RebuildInfo {
+            kind: trireme_api::RebuildKind::Full,
+            copied: ByteSize::mib(2),
+            duration_ms: 9,
+        };
+        let mut entry = ChildStatusRecord::new_empty(0);
+        entry.last_rebuild = Some(info);
+        v.children.insert(v.replicas[0].id, entry);
+        v.generation = 4;
+        let got = volume(&st, &v);
+        assert_eq!(got.status.generation, 4);
+        assert_eq!(got.status.replicas[0].status.last_rebuild, Some(info));
+        assert_eq!(got.status.target.unwrap().children[0].last_rebuild, Some(info));
+        assert!(got.status.message.unwrap().contains("rebuilding"));
     }
 }

@@ -45,10 +45,6 @@ fn check_size(size: ByteSize) -> Result<(), ControlError> {
     Ok(())
 }
 
-pub fn replica_uri(r: &ReplicaRecord) -> String {
-    format!("replica:///{}", r.id)
-}
-
 impl State {
     /// Pools a new replica may go to: active, online, on an online node that takes new work.
     pub fn candidates(&self) -> Vec<Candidate> {

@@ -153,7 +153,7 @@ pub async fn start(args: ControlArgs, shutdown: CancellationToken) -> anyhow::Re
             .context("gRPC server failed")
     });
 
-    let period = Duration::from_secs(args.reconcile_secs.max(1));
+    let period = reconcile::Settings::from_args(&args);
     let (r, c) = (registry.clone(), cancel.clone());
     tasks.spawn(async move {
         reconcile::run(r, period, c).await;

@@ -45,6 +45,21 @@ pub struct EngineArgs {
     /// Address of the Prometheus `/metrics` endpoint; none when unset.
     #[arg(long, env = "TRIREME_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+
+    /// Milliseconds a remote child (a replica on another node) may take to answer one request
+    /// before it is faulted.
+    #[arg(long, env = "TRIREME_CHILD_TIMEOUT_MS", default_value_t = 5000,
+          value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    pub child_timeout_ms: u64,
+
+    /// Rebuild bandwidth limit for the whole engine, in MiB/s (0: unlimited).
+    #[arg(long, env = "TRIREME_REBUILD_BANDWIDTH_MIB", default_value_t = 0)]
+    pub rebuild_bandwidth_mib: u64,
+
+    /// Rebuilds running at once on this engine (the others wait their turn).
+    #[arg(long, env = "TRIREME_REBUILD_CONCURRENCY", default_value_t = 2,
+          value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub rebuild_concurrency: u64,
 }
 
 impl EngineArgs {
@@ -61,6 +76,9 @@ impl EngineArgs {
             state_dir,
             heartbeat_secs: 5,
             metrics_listen: None,
+            child_timeout_ms: 5000,
+            rebuild_bandwidth_mib: 0,
+            rebuild_concurrency: 2,
         }
     }
 }
@@ -107,6 +125,27 @@ mod tests {
         assert_eq!(cli.engine.nbd_listen, "127.0.0.1:10809".parse().unwrap());
         assert!(Cli::try_parse_from(["t", "--node-id", "Bad Name"]).is_err());
         assert!(Cli::try_parse_from(["t", "--node-id", "n", "--heartbeat-secs", "0"]).is_err());
+        assert_eq!(cli.engine.child_timeout_ms, 5000);
+        assert_eq!(cli.engine.rebuild_bandwidth_mib, 0);
+        assert_eq!(cli.engine.rebuild_concurrency, 2);
+        let tuned = Cli::try_parse_from([
+            "t",
+            "--node-id",
+            "n",
+            "--child-timeout-ms",
+            "1500",
+            "--rebuild-bandwidth-mib",
+            "40",
+            "--rebuild-concurrency",
+            "4",
+        ])
+        .unwrap();
+        assert_eq!(tuned.engine.child_timeout_ms, 1500);
+        assert_eq!(tuned.engine.rebuild_bandwidth_mib, 40);
+        assert_eq!(tuned.engine.rebuild_concurrency, 4);
+        assert!(
+            Cli::try_parse_from(["t", "--node-id", "n", "--rebuild-concurrency", "0"]).is_err()
+        );
     }
 
     #[test]

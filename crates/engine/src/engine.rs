@@ -1,20 +1,47 @@
 //! The engine's state and operations, independent of any wire format: its pools, the replicas
-//! in them, its nexuses and what it shares over NBD. The gRPC service translates to and from
-//! these calls; tests drive them directly.
+//! in them, its nexuses (`engine/nexuses.rs`) and what it shares over NBD. The gRPC service
+//! translates to and from these calls; tests drive them directly.
+
+mod nexuses;
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use trireme_nbd::Export;
 use trireme_pool::{PoolError, PoolInfo, ReplicaInfo, ReplicaMeta};
 use trireme_types::{ByteSize, NodeId, PoolId, ReplicaId, VolumeId};
 
+pub use nexuses::{ChildRequest, NexusRequest};
+
 use crate::error::EngineError;
-use crate::nexus::{Child, ChildUri, LocalChild, Nexus};
+use crate::nexus::recorder::NoRecorder;
+use crate::nexus::{Nexus, RebuildLimits, Recorder};
 use crate::pools::{PoolView, Pools};
+use crate::remote::RemoteOptions;
 use crate::share::{Shares, nexus_export_name};
+
+/// What every nexus of this engine is created with.
+#[derive(Clone)]
+pub struct NexusSettings {
+    /// Time limits of remote children.
+    pub remote: RemoteOptions,
+    /// Rebuild bandwidth and concurrency, shared by every nexus.
+    pub rebuild: Arc<RebuildLimits>,
+    /// Where nexuses record membership and dirty regions (control, or nowhere).
+    pub recorder: Arc<dyn Recorder>,
+}
+
+impl Default for NexusSettings {
+    /// Stand-alone: recorded nowhere, default limits.
+    fn default() -> Self {
+        Self {
+            remote: RemoteOptions::default(),
+            rebuild: Arc::new(RebuildLimits::default()),
+            recorder: Arc::new(NoRecorder),
+        }
+    }
+}
 
 /// Where this engine is reached, as advertised to control and put in share URIs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,7 +57,10 @@ pub struct Engine {
     endpoints: Endpoints,
     pools: Pools,
     nexuses: Mutex<BTreeMap<VolumeId, Arc<Nexus>>>,
+    /// Serialises the operations on each volume's nexus (see `nexuses.rs`).
+    nexus_locks: Mutex<BTreeMap<VolumeId, Arc<tokio::sync::Mutex<()>>>>,
     shares: Arc<Shares>,
+    settings: NexusSettings,
 }
 
 impl Engine {
@@ -39,6 +69,7 @@ impl Engine {
         node_id: NodeId,
         endpoints: Endpoints,
         state_dir: &Path,
+        settings: NexusSettings,
     ) -> Result<Self, EngineError> {
         let pools = Pools::load(state_dir).await?;
         let engine = Self {
@@ -46,7 +77,9 @@ impl Engine {
             endpoints,
             pools,
             nexuses: Mutex::new(BTreeMap::new()),
+            nexus_locks: Mutex::new(BTreeMap::new()),
             shares: Arc::new(Shares::default()),
+            settings,
         };
         for (name, pool) in engine.pools.online() {
             engine.share_replicas(&name, &pool);
@@ -188,96 +221,18 @@ impl Engine {
         self.pools.find_replica(id).map(|(name, _, info)| (name, info))
     }
 
-    // ---- nexuses
-
-    fn nexus_of(&self, replica: ReplicaId) -> Option<VolumeId> {
-        self.nexuses.lock().values().find(|n| n.has_child(replica)).map(|n| n.volume())
-    }
-
-    fn open_child(&self, uri: &ChildUri) -> Result<Arc<dyn Child>, EngineError> {
-        match uri {
-            ChildUri::Local(id) => {
-                self.pools.find_replica(*id).ok_or(EngineError::ReplicaNotFound(*id))?;
-                let shared = self.shares.replica(*id).ok_or(EngineError::ReplicaNotFound(*id))?;
-                Ok(Arc::new(LocalChild::new(shared.replica, shared.fence, 0)))
-            }
-            ChildUri::Nbd { .. } => {
-                Err(EngineError::RemoteChildUnsupported { uri: uri.to_string() })
-            }
-        }
-    }
-
-    /// Creates the volume's nexus and shares it. Idempotent: a nexus with the same children
-    /// is returned as is (grown to `size` if that is larger).
-    pub fn create_nexus(
+    /// Stamps a membership generation into a replica's meta; never lowers it.
+    pub async fn set_replica_generation(
         &self,
-        volume: VolumeId,
-        size: ByteSize,
-        children: &[ChildUri],
-    ) -> Result<Arc<Nexus>, EngineError> {
-        // Building a nexus never awaits (opening a local replica is synchronous), so the whole
-        // check-and-insert happens under the lock and two racing creates cannot both win.
-        let mut nexuses = self.nexuses.lock();
-        if let Some(existing) = nexuses.get(&volume) {
-            let same_children = {
-                let have: Vec<ChildUri> = existing.children().into_iter().map(|c| c.uri).collect();
-                have.len() == children.len() && children.iter().all(|c| have.contains(c))
-            };
-            // Same children: the same nexus, grown if the volume grew meanwhile (control may
-            // reconcile a resized volume through CreateNexus before ResizeNexus).
-            if same_children && existing.size() <= size.bytes() {
-                existing.resize(size.bytes())?;
-                return Ok(Arc::clone(existing));
-            }
-            return Err(EngineError::NexusMismatch(volume));
-        }
-        let opened =
-            children.iter().map(|uri| self.open_child(uri)).collect::<Result<Vec<_>, _>>()?;
-        let nexus = Arc::new(Nexus::new(volume, size.bytes(), opened)?);
-        nexuses.insert(volume, Arc::clone(&nexus));
-        let export: Arc<dyn Export> = nexus.clone();
-        self.shares.insert(nexus_export_name(volume), format!("volume {volume}"), export);
-        tracing::info!(%volume, %size, children = children.len(), "nexus created and shared");
-        Ok(nexus)
-    }
-
-    /// Unshares and closes the volume's nexus. Idempotent.
-    pub async fn destroy_nexus(&self, volume: VolumeId) -> Result<(), EngineError> {
-        let nexus = {
-            let mut nexuses = self.nexuses.lock();
-            self.shares.remove(&nexus_export_name(volume));
-            nexuses.remove(&volume)
-        };
-        if let Some(nexus) = nexus {
-            if let Err(e) = nexus.close().await {
-                tracing::warn!(%volume, error = %e, "flushing the nexus on destroy failed");
-            }
-            tracing::info!(%volume, "nexus destroyed");
-        }
-        Ok(())
-    }
-
-    pub fn resize_nexus(
-        &self,
-        volume: VolumeId,
-        size: ByteSize,
-    ) -> Result<Arc<Nexus>, EngineError> {
-        let nexus = self.nexus(volume).ok_or(EngineError::NexusNotFound(volume))?;
-        nexus.resize(size.bytes())?;
-        Ok(nexus)
-    }
-
-    pub fn nexus(&self, volume: VolumeId) -> Option<Arc<Nexus>> {
-        self.nexuses.lock().get(&volume).cloned()
-    }
-
-    pub fn list_nexuses(&self) -> Vec<Arc<Nexus>> {
-        self.nexuses.lock().values().cloned().collect()
-    }
-
-    /// The NBD URI of a volume's share.
-    pub fn share_uri(&self, volume: VolumeId) -> String {
-        format!("nbd://{}/{}", self.endpoints.nbd, nexus_export_name(volume))
+        id: ReplicaId,
+        generation: u64,
+    ) -> Result<(PoolId, ReplicaInfo), EngineError> {
+        let fence = self.shares.fence(id).ok_or(EngineError::ReplicaNotFound(id))?;
+        fence
+            .raise_generation(generation)
+            .await
+            .map_err(|e| EngineError::ReplicaMeta { replica: id, reason: e.to_string() })?;
+        self.replica(id).ok_or(EngineError::ReplicaNotFound(id))
     }
 
     /// Flushes and closes every nexus, then every pool. Called once the servers have stopped.

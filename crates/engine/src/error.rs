@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use trireme_pool::PoolError;
 use trireme_types::{PoolId, ReplicaId, VolumeId};
 
-use crate::nexus::{ChildUriError, NexusError};
+use crate::nexus::{ChildError, ChildUriError, NexusError};
+use crate::remote::RemoteUriError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -44,8 +45,17 @@ pub enum EngineError {
     Nexus(#[from] NexusError),
     #[error(transparent)]
     ChildUri(#[from] ChildUriError),
-    #[error("child {uri}: remote children are not supported by this engine yet")]
-    RemoteChildUnsupported { uri: String },
+    #[error(transparent)]
+    RemoteUri(#[from] RemoteUriError),
+    /// A child is claimed by a newer epoch: the request comes from a superseded nexus.
+    #[error("child {uri} is fenced for epoch {epoch}: {reason}")]
+    Fenced { uri: String, epoch: u64, reason: String },
+    #[error("the nexus of volume {volume} has epoch {nexus}, not {requested}")]
+    EpochMismatch { volume: VolumeId, nexus: u64, requested: u64 },
+    #[error("cannot open child {uri}: {error}")]
+    ChildUnavailable { uri: String, error: ChildError },
+    #[error("cannot update the metadata of replica {replica}: {reason}")]
+    ReplicaMeta { replica: ReplicaId, reason: String },
     #[error("pool {pool}: {source}")]
     Pool {
         pool: PoolId,

@@ -9,12 +9,14 @@ use std::sync::Arc;
 use tonic::{Code, Request, Response, Status};
 use trireme_pool::{PoolError, PoolInfo, ReplicaInfo};
 use trireme_rpc as rpc;
-use trireme_types::{ByteSize, ChildState, IdError, NexusState, PoolId, VolumeId};
+use trireme_types::{ByteSize, ChildState, IdError, NexusState, PoolId, ReplicaId, VolumeId};
 
-use crate::engine::Engine;
+use crate::engine::{ChildRequest, Engine, NexusRequest};
 use crate::error::EngineError;
-use crate::nexus::{ChildUri, Nexus};
+use crate::nexus::recorder::RecordError;
+use crate::nexus::{ChildUri, DirtyLog, Join, Nexus, NexusError};
 use crate::pools::{PoolStatus, PoolView};
+use crate::remote::remote_replica;
 
 /// Sizes of replicas and nexuses are whole 512-byte sectors.
 const SECTOR: u64 = 512;
@@ -24,7 +26,7 @@ const DEFAULT_CLUSTER_SIZE: ByteSize = ByteSize::mib(1);
 pub fn to_status(e: EngineError) -> Status {
     use EngineError as E;
     let code = match &e {
-        E::InvalidArgument { .. } | E::ChildUri(_) => Code::InvalidArgument,
+        E::InvalidArgument { .. } | E::ChildUri(_) | E::RemoteUri(_) => Code::InvalidArgument,
         E::PoolNotFound(_) | E::ReplicaNotFound(_) | E::NexusNotFound(_) => Code::NotFound,
         E::PoolExists { .. }
         | E::DiskInUse { .. }
@@ -35,9 +37,16 @@ pub fn to_status(e: EngineError) -> Status {
         | E::PoolNotEmpty { .. }
         | E::PoolFaulted { .. }
         | E::ReplicaInUse { .. }
-        | E::Nexus(_) => Code::FailedPrecondition,
+        | E::Fenced { .. }
+        | E::EpochMismatch { .. } => Code::FailedPrecondition,
+        // The store could not be reached: worth retrying, unlike the other nexus refusals.
+        E::Nexus(NexusError::Record(RecordError::Unavailable(_)) | NexusError::Closed) => {
+            Code::Unavailable
+        }
+        E::Nexus(_) => Code::FailedPrecondition,
+        E::ChildUnavailable { .. } | E::ReplicaMeta { .. } => Code::Unavailable,
         E::PoolBusy(_) => Code::Aborted,
-        E::RemoteChildUnsupported { .. } | E::WipeUnsupported => Code::Unimplemented,
+        E::WipeUnsupported => Code::Unimplemented,
         E::StateFile { .. } => Code::Internal,
         E::Pool { source, .. } => match source {
             PoolError::NotFound(_) | PoolError::SnapshotNotFound(_) | PoolError::Destroyed(_) => {
@@ -105,8 +114,17 @@ fn parse_cluster_size(bytes: u64) -> Result<ByteSize, EngineError> {
     }
 }
 
-fn parse_child(spec: &rpc::ChildSpec) -> Result<ChildUri, EngineError> {
-    let replica = match spec.replica_uuid.as_str() {
+fn parse_join(field: &'static str, join: i32) -> Result<Join, EngineError> {
+    match rpc::ChildJoin::try_from(join) {
+        Ok(rpc::ChildJoin::Online) => Ok(Join::Online),
+        Ok(rpc::ChildJoin::Partial) => Ok(Join::Partial),
+        Ok(rpc::ChildJoin::Full) => Ok(Join::Full),
+        Err(_) => Err(EngineError::invalid(field, format!("unknown join {join}"))),
+    }
+}
+
+fn parse_child(spec: &rpc::ChildSpec) -> Result<ChildRequest, EngineError> {
+    let replica: Option<ReplicaId> = match spec.replica_uuid.as_str() {
         "" => None,
         s => Some(parse_id("children.replica_uuid", s)?),
     };
@@ -117,15 +135,33 @@ fn parse_child(spec: &rpc::ChildSpec) -> Result<ChildUri, EngineError> {
         ("", Some(id)) => ChildUri::Local(id),
         (s, _) => s.parse()?,
     };
-    if let (ChildUri::Local(in_uri), Some(id)) = (&uri, replica)
-        && *in_uri != id
+    let in_uri = match &uri {
+        ChildUri::Local(id) => *id,
+        remote => remote_replica(remote)?,
+    };
+    if let Some(id) = replica
+        && in_uri != id
     {
         return Err(EngineError::invalid(
             "children",
             format!("uri {uri} names another replica than {id}"),
         ));
     }
-    Ok(uri)
+    Ok(ChildRequest { uri, join: parse_join("children.join", spec.join)? })
+}
+
+fn parse_dirty(dirty: Option<&rpc::DirtyLog>) -> Result<DirtyLog, EngineError> {
+    let Some(d) = dirty else { return Ok(DirtyLog::default()) };
+    if d.region_bytes != 0 && (!d.region_bytes.is_power_of_two() || d.region_bytes < SECTOR) {
+        return Err(EngineError::invalid(
+            "dirty.region_bytes",
+            format!("{} is not a power of two of at least {SECTOR}", d.region_bytes),
+        ));
+    }
+    if d.region_bytes == 0 && d.bitmap.iter().any(|&b| b != 0) {
+        return Err(EngineError::invalid("dirty", "regions without a region size"));
+    }
+    Ok(DirtyLog::from_bytes(d.region_bytes, d.bitmap.clone()))
 }
 
 // ---- conversions to the wire
@@ -169,8 +205,18 @@ fn replica_reply(pool: &PoolId, r: &ReplicaInfo) -> rpc::Replica {
         thin: r.thin,
         allocated_bytes: r.allocated.bytes(),
         volume_uuid: r.meta.volume.map(|v| v.to_string()).unwrap_or_default(),
-        ..Default::default()
+        generation: r.meta.generation,
+        epoch: r.meta.epoch,
     }
+}
+
+fn join_reply(join: Join) -> i32 {
+    let wire = match join {
+        Join::Online => rpc::ChildJoin::Online,
+        Join::Partial => rpc::ChildJoin::Partial,
+        Join::Full => rpc::ChildJoin::Full,
+    };
+    wire as i32
 }
 
 fn nexus_reply(engine: &Engine, n: &Nexus) -> rpc::Nexus {
@@ -182,8 +228,14 @@ fn nexus_reply(engine: &Engine, n: &Nexus) -> rpc::Nexus {
             let mut child = rpc::Child {
                 uri: c.uri.to_string(),
                 replica_uuid: c.replica.to_string(),
+                rebuild_kind: c.needs.map_or(rpc::ChildJoin::Online as i32, join_reply),
                 ..Default::default()
             };
+            if let Some(last) = c.last_rebuild {
+                child.last_rebuild_copied_bytes = last.copied_bytes;
+                child.last_rebuild_millis = last.millis;
+                child.last_rebuild_kind = join_reply(last.kind);
+            }
             child.state = match c.state {
                 ChildState::Online => rpc::ChildState::Online as i32,
                 ChildState::Faulted { reason } => {
@@ -209,7 +261,9 @@ fn nexus_reply(engine: &Engine, n: &Nexus) -> rpc::Nexus {
             NexusState::Faulted => rpc::NexusState::Faulted,
         } as i32,
         share_uri: engine.share_uri(n.volume()),
-        ..Default::default()
+        epoch: n.epoch(),
+        generation: n.generation(),
+        stopped_reason: n.stopped_reason().unwrap_or_default(),
     }
 }
 
@@ -331,17 +385,27 @@ impl rpc::engine_server::Engine for EngineService {
 
     async fn create_nexus(&self, req: Request<rpc::CreateNexusRequest>) -> Reply<rpc::Nexus> {
         let req = req.into_inner();
-        let run = || {
+        let run = async {
             let volume = parse_id("volume_uuid", &req.volume_uuid)?;
             let size = parse_size("size_bytes", req.size_bytes)?;
             if req.children.is_empty() {
                 return Err(EngineError::invalid("children", "a nexus needs at least one child"));
             }
             let children = req.children.iter().map(parse_child).collect::<Result<Vec<_>, _>>()?;
-            let nexus = self.engine.create_nexus(volume, size, &children)?;
+            let nexus = self
+                .engine
+                .create_nexus(NexusRequest {
+                    volume,
+                    size,
+                    children,
+                    epoch: req.epoch,
+                    generation: req.generation,
+                    dirty: parse_dirty(req.dirty.as_ref())?,
+                })
+                .await?;
             Ok(nexus_reply(&self.engine, &nexus))
         };
-        run().map(Response::new).map_err(to_status)
+        run.await.map(Response::new).map_err(to_status)
     }
 
     async fn destroy_nexus(&self, req: Request<rpc::DestroyNexusRequest>) -> Reply<rpc::Empty> {
@@ -374,19 +438,41 @@ impl rpc::engine_server::Engine for EngineService {
         Ok(Response::new(rpc::ListNexusesReply { nexuses }))
     }
 
-    async fn add_child(&self, _: Request<rpc::AddChildRequest>) -> Reply<rpc::Nexus> {
-        Err(Status::unimplemented("AddChild is not available yet"))
+    async fn add_child(&self, req: Request<rpc::AddChildRequest>) -> Reply<rpc::Nexus> {
+        let req = req.into_inner();
+        let run = async {
+            let volume = parse_id("volume_uuid", &req.volume_uuid)?;
+            let spec =
+                req.child.as_ref().ok_or_else(|| EngineError::invalid("child", "missing"))?;
+            let child = parse_child(spec)?;
+            let nexus = self.engine.add_child(volume, req.epoch, child).await?;
+            Ok(nexus_reply(&self.engine, &nexus))
+        };
+        run.await.map(Response::new).map_err(to_status)
     }
 
-    async fn remove_child(&self, _: Request<rpc::RemoveChildRequest>) -> Reply<rpc::Nexus> {
-        Err(Status::unimplemented("RemoveChild is not available yet"))
+    async fn remove_child(&self, req: Request<rpc::RemoveChildRequest>) -> Reply<rpc::Nexus> {
+        let req = req.into_inner();
+        let run = async {
+            let volume = parse_id("volume_uuid", &req.volume_uuid)?;
+            let replica = parse_id("replica_uuid", &req.replica_uuid)?;
+            let nexus = self.engine.remove_child(volume, req.epoch, replica).await?;
+            Ok(nexus_reply(&self.engine, &nexus))
+        };
+        run.await.map(Response::new).map_err(to_status)
     }
 
     async fn set_replica_generation(
         &self,
-        _: Request<rpc::SetReplicaGenerationRequest>,
+        req: Request<rpc::SetReplicaGenerationRequest>,
     ) -> Reply<rpc::Replica> {
-        Err(Status::unimplemented("SetReplicaGeneration is not available yet"))
+        let req = req.into_inner();
+        let run = async {
+            let id = parse_id("uuid", &req.uuid)?;
+            let (pool, info) = self.engine.set_replica_generation(id, req.generation).await?;
+            Ok(replica_reply(&pool, &info))
+        };
+        run.await.map(Response::new).map_err(to_status)
     }
 }
 
@@ -412,15 +498,38 @@ mod tests {
             replica_uuid: r.into(),
             ..Default::default()
         };
-        assert_eq!(parse_child(&spec("", &id.to_string())).unwrap(), ChildUri::Local(id));
-        assert_eq!(
-            parse_child(&spec(&format!("replica:///{id}"), "")).unwrap(),
-            ChildUri::Local(id)
-        );
+        let local = ChildRequest { uri: ChildUri::Local(id), join: Join::Online };
+        assert_eq!(parse_child(&spec("", &id.to_string())).unwrap(), local);
+        assert_eq!(parse_child(&spec(&format!("replica:///{id}"), "")).unwrap(), local);
         let other = trireme_types::ReplicaId::new_random().to_string();
         assert!(parse_child(&spec(&format!("replica:///{id}"), &other)).is_err());
         assert!(parse_child(&spec("", "")).is_err());
         assert!(parse_child(&spec("bogus", "")).is_err());
+        // Remote children name a replica share, without an epoch (the engine adds it).
+        let remote = format!("nbd://10.0.0.2:10809/replica-{id}");
+        let parsed = parse_child(&rpc::ChildSpec {
+            uri: remote.clone(),
+            replica_uuid: id.to_string(),
+            join: rpc::ChildJoin::Full as i32,
+        })
+        .unwrap();
+        assert_eq!((parsed.uri.to_string(), parsed.join), (remote.clone(), Join::Full));
+        assert!(parse_child(&spec(&remote, &other)).is_err());
+        assert!(parse_child(&spec(&format!("{remote}@3"), "")).is_err());
+        assert!(parse_child(&spec("nbd://10.0.0.2:10809/volume", "")).is_err());
+        let mut bad_join = spec(&remote, "");
+        bad_join.join = 9;
+        assert!(parse_child(&bad_join).is_err());
+        // Dirty-region logs.
+        assert_eq!(parse_dirty(None).unwrap(), DirtyLog::default());
+        let dirty =
+            |region_bytes, bitmap: &[u8]| rpc::DirtyLog { region_bytes, bitmap: bitmap.to_vec() };
+        assert_eq!(
+            parse_dirty(Some(&dirty(1 << 20, &[0b101]))).unwrap(),
+            DirtyLog::from_bytes(1 << 20, vec![0b101])
+        );
+        assert!(parse_dirty(Some(&dirty(3 << 20, &[1]))).is_err());
+        assert!(parse_dirty(Some(&dirty(0, &[1]))).is_err());
     }
 
     #[test]
@@ -447,6 +556,30 @@ mod tests {
                 Code::AlreadyExists,
             ),
             (EngineError::pool(&pool, PoolError::Closed), Code::Unavailable),
+            (
+                EngineError::Fenced { uri: "u".into(), epoch: 1, reason: "r".into() },
+                Code::FailedPrecondition,
+            ),
+            (
+                EngineError::EpochMismatch {
+                    volume: VolumeId::new_random(),
+                    nexus: 2,
+                    requested: 1,
+                },
+                Code::FailedPrecondition,
+            ),
+            (EngineError::Nexus(NexusError::NoCurrentChild), Code::FailedPrecondition),
+            (
+                EngineError::Nexus(NexusError::Record(RecordError::Unavailable("x".into()))),
+                Code::Unavailable,
+            ),
+            (
+                EngineError::ChildUnavailable {
+                    uri: "u".into(),
+                    error: crate::nexus::ChildError::Timeout,
+                },
+                Code::Unavailable,
+            ),
         ];
         for (e, code) in cases {
             assert_eq!(to_status(e).code(), code);

@@ -28,7 +28,7 @@ mod pools;
 mod recorder_grpc;
 mod registration;
 // The remote child belongs with the other children in `nexus/`; declared from here until
-// `nexus/mod.rs` declares it.
+// `nexus/mod.rs` declares it (then `crate::remote` becomes `crate::nexus::remote`).
 #[path = "nexus/remote.rs"]
 pub mod remote;
 mod share;
@@ -44,7 +44,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 pub use args::EngineArgs;
-pub use engine::{Endpoints, Engine};
+pub use engine::{ChildRequest, Endpoints, Engine, NexusRequest, NexusSettings};
 pub use error::EngineError;
 pub use grpc::{EngineService, to_status};
 pub use pools::{PoolStatus, PoolView};
@@ -58,6 +58,8 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 const SERVER_STOP_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long flushing nexuses and closing pools may take at shutdown.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound on connecting to a remote child (TCP plus the NBD negotiation).
+const REMOTE_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Upper bound for one gRPC request (pool creation formats a disk, so not short).
 const GRPC_REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -92,6 +94,25 @@ fn lock_state_dir(dir: &std::path::Path) -> anyhow::Result<Flock<std::fs::File>>
     Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
         anyhow::anyhow!("another engine is using the state directory {} ({errno})", dir.display())
     })
+}
+
+/// What the engine's nexuses are created with, from its flags: remote children's time limits,
+/// the rebuild limits, and the recorder (control's Registry, or nowhere without `--control`).
+fn nexus_settings(args: &EngineArgs) -> anyhow::Result<NexusSettings> {
+    let io_timeout = Duration::from_millis(args.child_timeout_ms);
+    let remote = remote::RemoteOptions {
+        connect_timeout: REMOTE_CONNECT_TIMEOUT.min(io_timeout),
+        io_timeout,
+    };
+    let concurrency = usize::try_from(args.rebuild_concurrency).unwrap_or(usize::MAX);
+    let rebuild = Arc::new(nexus::RebuildLimits::new(args.rebuild_bandwidth_mib, concurrency));
+    let recorder: Arc<dyn nexus::Recorder> = match args.control.as_deref() {
+        Some(control) => {
+            Arc::new(GrpcRecorder::new(control, args.node_id.clone(), RecorderTimeouts::default())?)
+        }
+        None => Arc::new(nexus::recorder::NoRecorder),
+    };
+    Ok(NexusSettings { remote, rebuild, recorder })
 }
 
 /// Binds the listeners, imports the pools, and starts the servers and registration.
@@ -135,8 +156,9 @@ pub async fn start(args: EngineArgs, shutdown: CancellationToken) -> anyhow::Res
         })
         .transpose()?;
 
+    let settings = nexus_settings(&args)?;
     let engine = Arc::new(
-        Engine::load(args.node_id.clone(), endpoints.clone(), &args.state_dir)
+        Engine::load(args.node_id.clone(), endpoints.clone(), &args.state_dir, settings)
             .await
             .context("cannot load the engine's pools")?,
     );

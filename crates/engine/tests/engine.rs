@@ -517,7 +517,11 @@ async fn bad_requests_get_clear_status_codes() {
     // Nexuses.
     let vol = uuid::Uuid::new_v4().to_string();
     let unknown = uuid::Uuid::new_v4().to_string();
-    assert_eq!(code(c.create_nexus(nexus_req(&vol, 4 * MIB, &unknown)).await), Code::NotFound);
+    // An unknown replica cannot be opened: with no other child there is no current replica.
+    assert_eq!(
+        code(c.create_nexus(nexus_req(&vol, 4 * MIB, &unknown)).await),
+        Code::FailedPrecondition
+    );
     assert_eq!(code(c.create_nexus(nexus_req(&vol, 8 * MIB, &id)).await), Code::FailedPrecondition);
     assert_eq!(code(c.create_nexus(nexus_req("nope", 4 * MIB, &id)).await), Code::InvalidArgument);
     let mut no_children = nexus_req(&vol, 4 * MIB, &id);
@@ -529,7 +533,8 @@ async fn bad_requests_get_clear_status_codes() {
         replica_uuid: String::new(),
         ..Default::default()
     };
-    assert_eq!(code(c.create_nexus(remote).await), Code::Unimplemented);
+    // A remote child must name a replica share.
+    assert_eq!(code(c.create_nexus(remote).await), Code::InvalidArgument);
     let resize_nexus = rpc::ResizeNexusRequest { volume_uuid: vol.clone(), size_bytes: 4 * MIB };
     assert_eq!(code(c.resize_nexus(resize_nexus).await), Code::NotFound);
     c.destroy_nexus(rpc::DestroyNexusRequest { volume_uuid: vol.clone() }).await.unwrap();

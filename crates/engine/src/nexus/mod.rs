@@ -172,6 +172,8 @@ pub struct Nexus {
     volume: VolumeId,
     epoch: u64,
     generation: AtomicU64,
+    /// Bytes rebuilds copied into this nexus's children (for `trireme_rebuild_bytes_total`).
+    rebuild_bytes: AtomicU64,
     size: AtomicU64,
     children: Mutex<ChildTable>,
     dirty: Mutex<DirtyState>,
@@ -284,6 +286,7 @@ impl Nexus {
             volume,
             epoch: config.epoch,
             generation: AtomicU64::new(config.generation),
+            rebuild_bytes: AtomicU64::new(0),
             size: AtomicU64::new(size),
             children: Mutex::new(ChildTable::new(slots)),
             dirty: Mutex::new(DirtyState {
@@ -341,6 +344,11 @@ impl Nexus {
     /// The membership generation the store last reported.
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
+    }
+
+    /// Bytes copied by this nexus's rebuilds so far (holes zeroed count nothing).
+    pub fn rebuild_bytes_total(&self) -> u64 {
+        self.rebuild_bytes.load(Ordering::Relaxed)
     }
 
     /// Why the nexus stopped serving (fenced, or its state could not be recorded).
@@ -585,5 +593,9 @@ impl Drop for Nexus {
     }
 }
 
+#[cfg(test)]
+mod rebuild_tests;
+#[cfg(test)]
+mod record_tests;
 #[cfg(test)]
 mod tests;

@@ -191,7 +191,7 @@ async fn copy_region(n: &Nexus, job: &Job, span: Range<u64>) -> Result<u64, Copy
         let Some(source) = n.children.lock().reader() else {
             return Err(CopyError::Source(ChildError::Io("no online child to copy from".into())));
         };
-        match copy_from(&n.limits, &*source, &*job.target, span.clone()).await {
+        match copy_from(n, &*source, &*job.target, span.clone()).await {
             Ok(copied) => return Ok(copied),
             Err(Side::Target(e)) => return Err(CopyError::Target(e)),
             Err(Side::Source(e)) => {
@@ -206,7 +206,7 @@ async fn copy_region(n: &Nexus, job: &Job, span: Range<u64>) -> Result<u64, Copy
 
 /// One attempt at copying `span`, guided by the source's allocation map.
 async fn copy_from(
-    limits: &RebuildLimits,
+    n: &Nexus,
     source: &dyn Child,
     target: &dyn Child,
     span: Range<u64>,
@@ -221,12 +221,13 @@ async fn copy_from(
         let mut pos = range.start;
         while pos < range.end {
             let chunk = (range.end - pos).min(COPY_CHUNK);
-            limits.throttle(chunk).await;
+            n.limits.throttle(chunk).await;
             // `chunk` ≤ 1 MiB, so it fits a u32.
             let buf = source.read(pos, chunk as u32).await.map_err(Side::Source)?;
             target.write(pos, buf, false).await.map_err(Side::Target)?;
             copied += chunk;
             pos += chunk;
+            n.rebuild_bytes.fetch_add(chunk, std::sync::atomic::Ordering::Relaxed);
         }
     }
     Ok(copied)

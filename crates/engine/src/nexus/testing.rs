@@ -1,13 +1,42 @@
-//! An in-memory child with failure injection, for the nexus's unit tests.
+//! In-memory children and a scriptable recorder, for the nexus's unit tests. Both can write
+//! to a shared [`Journal`], so a test can assert the order in which the nexus recorded state
+//! and issued I/O.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use parking_lot::Mutex;
+use tokio::sync::Notify;
 use trireme_iobuf::IoBuf;
-use trireme_types::ReplicaId;
+use trireme_types::{ReplicaId, VolumeId};
 
 use super::child::{Child, ChildError, ChildExtent, ChildUri};
+use super::recorder::{MembershipRecord, RecordError, Recorder};
+
+/// What happened, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Event {
+    /// A write-like request reached a child.
+    Io { replica: ReplicaId, offset: u64 },
+    /// The recorder stored dirty regions.
+    Marked(Vec<u64>),
+    /// The recorder stored a membership.
+    Recorded,
+}
+
+#[derive(Default)]
+pub(crate) struct Journal(Mutex<Vec<Event>>);
+
+impl Journal {
+    pub fn push(&self, e: Event) {
+        self.0.lock().push(e);
+    }
+    pub fn take(&self) -> Vec<Event> {
+        std::mem::take(&mut *self.0.lock())
+    }
+}
 
 pub(crate) struct MemChild {
     uri: ChildUri,
@@ -16,7 +45,13 @@ pub(crate) struct MemChild {
     /// One flag per 4 KiB block: written since creation or last trim.
     allocated: Mutex<Vec<bool>>,
     pub fail: AtomicBool,
+    /// Answer every request with this error (e.g. `Fenced`) while set.
+    pub fail_with: Mutex<Option<ChildError>>,
     pub writes: AtomicU64,
+    pub reads: AtomicU64,
+    /// Slows every read by this many microseconds (to stretch a rebuild).
+    pub read_delay_us: AtomicU64,
+    pub journal: Mutex<Option<Arc<Journal>>>,
 }
 
 pub(crate) const BLOCK: u64 = 4096;
@@ -30,7 +65,11 @@ impl MemChild {
             data: Mutex::new(vec![0; size as usize]),
             allocated: Mutex::new(vec![false; size.div_ceil(BLOCK) as usize]),
             fail: AtomicBool::new(false),
+            fail_with: Mutex::new(None),
             writes: AtomicU64::new(0),
+            reads: AtomicU64::new(0),
+            read_delay_us: AtomicU64::new(0),
+            journal: Mutex::new(None),
         }
     }
 
@@ -48,11 +87,35 @@ impl MemChild {
         self.data.lock()[offset as usize..offset as usize + len].to_vec()
     }
 
+    pub fn all(&self) -> Vec<u8> {
+        self.data.lock().clone()
+    }
+
+    /// Writes straight into the child, behind the nexus's back (stale or garbage data).
+    pub fn poke(&self, offset: u64, bytes: &[u8]) {
+        self.data.lock()[offset as usize..offset as usize + bytes.len()].copy_from_slice(bytes);
+        self.mark(offset, bytes.len() as u64, true);
+    }
+
+    /// How many bytes are allocated.
+    pub fn allocated_bytes(&self) -> u64 {
+        self.allocated.lock().iter().filter(|&&a| a).count() as u64 * BLOCK
+    }
+
     fn check(&self) -> Result<(), ChildError> {
+        if let Some(e) = self.fail_with.lock().clone() {
+            return Err(e);
+        }
         if self.fail.load(Ordering::SeqCst) {
             return Err(ChildError::Io("injected failure".to_owned()));
         }
         Ok(())
+    }
+
+    fn note(&self, offset: u64) {
+        if let Some(j) = &*self.journal.lock() {
+            j.push(Event::Io { replica: self.id, offset });
+        }
     }
 
     fn mark(&self, offset: u64, len: u64, allocated: bool) {
@@ -75,11 +138,17 @@ impl Child for MemChild {
         self.data.lock().len() as u64
     }
     async fn read(&self, offset: u64, len: u32) -> Result<IoBuf, ChildError> {
+        let delay = self.read_delay_us.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_micros(delay)).await;
+        }
         self.check()?;
+        self.reads.fetch_add(1, Ordering::SeqCst);
         Ok(IoBuf::copy_from(&self.data.lock()[offset as usize..offset as usize + len as usize]))
     }
     async fn write(&self, offset: u64, data: IoBuf, _fua: bool) -> Result<(), ChildError> {
         self.check()?;
+        self.note(offset);
         self.writes.fetch_add(1, Ordering::SeqCst);
         self.data.lock()[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
         self.mark(offset, data.len() as u64, true);
@@ -93,6 +162,7 @@ impl Child for MemChild {
     }
     async fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool) -> Result<(), ChildError> {
         self.check()?;
+        self.note(offset);
         self.data.lock()[offset as usize..(offset + len) as usize].fill(0);
         self.mark(offset, len, !may_trim);
         Ok(())
@@ -111,4 +181,108 @@ impl Child for MemChild {
         }
         Ok(out)
     }
+}
+
+/// A recorder that keeps what it was told, and can be held, failed or fenced.
+#[derive(Default)]
+pub(crate) struct TestRecorder {
+    pub records: Mutex<Vec<MembershipRecord>>,
+    pub marks: Mutex<Vec<Vec<u64>>>,
+    pub journal: Arc<Journal>,
+    /// Every call fails with this while set.
+    pub fail: Mutex<Option<RecordError>>,
+    /// Calls wait while set.
+    held: AtomicBool,
+    released: Notify,
+    /// Calls that reached the recorder (held or not).
+    pub calls: AtomicU64,
+    generation: AtomicU64,
+}
+
+impl TestRecorder {
+    pub fn hold(&self) {
+        self.held.store(true, Ordering::SeqCst);
+    }
+
+    pub fn release(&self) {
+        self.held.store(false, Ordering::SeqCst);
+        self.released.notify_waiters();
+    }
+
+    pub fn last_record(&self) -> Option<MembershipRecord> {
+        self.records.lock().last().cloned()
+    }
+
+    async fn gate(&self) -> Result<(), RecordError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        loop {
+            let released = self.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            if !self.held.load(Ordering::SeqCst) {
+                break;
+            }
+            released.await;
+        }
+        match self.fail.lock().clone() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+#[async_trait]
+impl Recorder for TestRecorder {
+    async fn record_children(&self, record: MembershipRecord) -> Result<u64, RecordError> {
+        self.gate().await?;
+        self.journal.push(Event::Recorded);
+        self.records.lock().push(record);
+        Ok(self.generation.fetch_add(1, Ordering::SeqCst) + 1)
+    }
+    async fn mark_dirty(
+        &self,
+        _: VolumeId,
+        _: u64,
+        _: u64,
+        regions: Vec<u64>,
+    ) -> Result<(), RecordError> {
+        self.gate().await?;
+        self.journal.push(Event::Marked(regions.clone()));
+        self.marks.lock().push(regions);
+        Ok(())
+    }
+}
+
+/// A started nexus of `size` bytes over `children`, recorded by `recorder`.
+pub(crate) async fn started(
+    size: u64,
+    children: &[(Arc<MemChild>, super::Join)],
+    recorder: Arc<TestRecorder>,
+    dirty: super::DirtyLog,
+    limits: Arc<super::RebuildLimits>,
+) -> Arc<super::Nexus> {
+    let children = children
+        .iter()
+        .map(|(c, join)| super::NewChild::opened(Arc::clone(c) as Arc<dyn Child>, *join))
+        .collect();
+    let config = super::NexusConfig { epoch: 7, generation: 1, recorder, dirty, rebuild: limits };
+    let n = super::Nexus::create(VolumeId::new_random(), size, children, config).unwrap();
+    n.start().await.unwrap();
+    n
+}
+
+/// Waits (generously: the machine may be loaded) until `cond` holds.
+pub(crate) async fn eventually(what: &str, cond: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Deterministic test data.
+pub(crate) fn pattern(len: usize, seed: u8) -> IoBuf {
+    IoBuf::copy_from(
+        &(0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect::<Vec<_>>(),
+    )
 }

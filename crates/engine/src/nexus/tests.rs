@@ -3,11 +3,10 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use trireme_iobuf::IoBuf;
 use trireme_nbd::{Export, ExportError, Extent};
 use trireme_types::{ChildState, FaultReason, NexusState, VolumeId};
 
-use super::testing::MemChild;
+use super::testing::{MemChild, pattern};
 use super::*;
 
 const SIZE: u64 = 64 * 1024;
@@ -16,12 +15,6 @@ fn nexus(n: usize) -> (Nexus, Vec<Arc<MemChild>>) {
     let mems: Vec<Arc<MemChild>> = (0..n).map(|_| Arc::new(MemChild::new(SIZE))).collect();
     let children = mems.iter().map(|m| Arc::clone(m) as Arc<dyn Child>).collect();
     (Nexus::new(VolumeId::new_random(), SIZE, children).unwrap(), mems)
-}
-
-fn pattern(len: usize, seed: u8) -> IoBuf {
-    IoBuf::copy_from(
-        &(0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect::<Vec<_>>(),
-    )
 }
 
 #[test]

@@ -53,14 +53,12 @@ async fn volume_lifecycle() {
     let thin = CreateVolumeBody { thin: true, ..vol("vol-1", ByteSize::mib(100)) };
     assert_eq!(api.create_volume(&thin).await.unwrap_err().status(), Some(409));
 
-    // Replication is not there yet.
+    // More replicas than nodes: each replica needs its own node.
     let three = CreateVolumeBody { replicas: 3, ..vol("vol-3", ByteSize::mib(1)) };
     let err = api.create_volume(&three).await.unwrap_err();
     assert_eq!(err.status(), Some(422));
-    assert_eq!(
-        err.to_string(),
-        "replication is not available yet: volumes have exactly one replica"
-    );
+    assert!(err.to_string().contains("only 2 node(s) can take a replica"), "{err}");
+    assert!(api.volume("vol-3").await.unwrap_err().is_not_found());
 
     // Too large: a clear sentence, and nothing left behind.
     let err = api.create_volume(&vol("huge", ByteSize::gib(10))).await.unwrap_err();
@@ -88,17 +86,21 @@ async fn volume_lifecycle() {
     assert_eq!(published.status.state, VolumeState::Online);
     let nexus = n2.state.lock().nexuses.get(&v.id.to_string()).cloned().unwrap();
     assert_eq!(nexus.children[0].uri, format!("replica:///{}", rep.uuid));
-    // Publishing again is idempotent; elsewhere is refused for now.
+    // Publishing again is idempotent; on another node while published is refused.
     assert_eq!(
         api.publish_volume(&v.id.to_string(), &PublishBody::default()).await.unwrap().id,
         v.id
     );
     let elsewhere = PublishBody { node: Some("node-1".parse().unwrap()) };
-    let err = api
+    // A node without the replica reaches it over NBD.
+    let remote = api
         .publish_volume("vol-3", &PublishBody { node: Some("node-2".parse().unwrap()) })
         .await
-        .unwrap_err();
-    assert_eq!(err.status(), Some(422), "{err}");
+        .unwrap();
+    let target = remote.status.target.unwrap();
+    assert_eq!(target.node.as_str(), "node-2");
+    assert!(target.children[0].uri.starts_with("nbd://"), "{:?}", target.children);
+    api.unpublish_volume("vol-3").await.unwrap();
     assert_eq!(api.publish_volume("vol-1", &elsewhere).await.unwrap_err().status(), Some(409));
 
     // Resize: grow replicas then nexus; shrink refused.

@@ -165,7 +165,8 @@ impl Registry {
         let placement = {
             let st = self.state.read();
             let nodes = st.schedulable_nodes();
-            if usize::from(body.replicas) > nodes {
+            // One replica with no node at all is the scheduler's answer (no pool is usable).
+            if body.replicas > 1 && usize::from(body.replicas) > nodes {
                 return Err(ControlError::InvalidBody {
                     detail: format!(
                         "replicas is {}, but only {nodes} node(s) can take a replica (online, \

@@ -1,6 +1,8 @@
 //! Test harness: control in-process on ephemeral ports, and a fake engine (a tonic `Engine`
 //! server with in-memory pools, replicas and nexuses) that registers and heartbeats like the
-//! real one.
+//! real one. The fake keeps every CreateNexus, AddChild, RemoveChild and SetReplicaGeneration
+//! request it answered, so tests can check what control asked for; its nexus children start
+//! in the state their `join` implies (online, or rebuilding) and change only when a test says.
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::collections::HashMap;
@@ -24,6 +26,43 @@ pub struct FakeState {
     pub fail_create_replica: bool,
     pub fail_create_nexus: bool,
     pub calls: Vec<&'static str>,
+    pub create_nexus_requests: Vec<rpc::CreateNexusRequest>,
+    pub add_child_requests: Vec<rpc::AddChildRequest>,
+    pub remove_child_requests: Vec<rpc::RemoveChildRequest>,
+    pub generation_requests: Vec<rpc::SetReplicaGenerationRequest>,
+}
+
+impl FakeState {
+    /// Sets a child of a volume's nexus to `faulted` (what a real nexus does when a replica
+    /// stops answering). Panics if there is no such nexus or child.
+    pub fn fault_child(&mut self, volume: &str, replica: &str) {
+        let n = self.nexuses.get_mut(volume).expect("nexus");
+        let c = n.children.iter_mut().find(|c| c.replica_uuid == replica).expect("child");
+        c.state = rpc::ChildState::Faulted as i32;
+        c.fault_reason = "timeout".into();
+    }
+}
+
+/// The replica a child URI names: `replica:///<uuid>` (local) or
+/// `nbd://host:port/replica-<uuid>` (remote).
+fn child_replica(uri: &str) -> Option<(&str, bool)> {
+    if let Some(u) = uri.strip_prefix("replica:///") {
+        return Some((u, true));
+    }
+    let rest = uri.strip_prefix("nbd://")?;
+    let (_, export) = rest.split_once('/')?;
+    Some((export.strip_prefix("replica-")?, false))
+}
+
+fn fake_child(spec: &rpc::ChildSpec) -> rpc::Child {
+    let online = spec.join == rpc::ChildJoin::Online as i32;
+    rpc::Child {
+        uri: spec.uri.clone(),
+        replica_uuid: spec.replica_uuid.clone(),
+        state: if online { rpc::ChildState::Online } else { rpc::ChildState::Rebuilding } as i32,
+        rebuild_kind: if online { 0 } else { spec.join },
+        ..Default::default()
+    }
 }
 
 #[derive(Clone)]
@@ -163,34 +202,28 @@ impl rpc::engine_server::Engine for FakeEngine {
         let r = r.into_inner();
         let mut st = self.state.lock();
         st.calls.push("CreateNexus");
+        st.create_nexus_requests.push(r.clone());
         if st.fail_create_nexus {
             return Err(Status::failed_precondition("injected nexus refusal"));
         }
         for c in &r.children {
-            let uuid = c
-                .uri
-                .strip_prefix("replica:///")
-                .ok_or_else(|| Status::invalid_argument("child uri"))?;
-            if !st.replicas.contains_key(uuid) {
+            let (uuid, local) =
+                child_replica(&c.uri).ok_or_else(|| Status::invalid_argument("child uri"))?;
+            if uuid != c.replica_uuid {
+                return Err(Status::invalid_argument("child uri names another replica"));
+            }
+            if local && !st.replicas.contains_key(uuid) {
                 return Err(Status::not_found(format!("replica {uuid}")));
             }
         }
         let nexus = rpc::Nexus {
             volume_uuid: r.volume_uuid.clone(),
             size_bytes: r.size_bytes,
-            children: r
-                .children
-                .iter()
-                .map(|c| rpc::Child {
-                    uri: c.uri.clone(),
-                    replica_uuid: c.replica_uuid.clone(),
-                    state: rpc::ChildState::Online as i32,
-                    ..Default::default()
-                })
-                .collect(),
+            children: r.children.iter().map(fake_child).collect(),
             state: rpc::NexusState::Online as i32,
             share_uri: format!("nbd://127.0.0.1:10809/{}", r.volume_uuid),
             epoch: r.epoch,
+            generation: r.generation,
             ..Default::default()
         };
         st.nexuses.insert(r.volume_uuid, nexus.clone());
@@ -225,21 +258,54 @@ impl rpc::engine_server::Engine for FakeEngine {
     }
     async fn add_child(
         &self,
-        _: Request<rpc::AddChildRequest>,
+        r: Request<rpc::AddChildRequest>,
     ) -> Result<Response<rpc::Nexus>, Status> {
-        Err(Status::unimplemented("fake engine: AddChild"))
+        let r = r.into_inner();
+        let mut st = self.state.lock();
+        st.calls.push("AddChild");
+        st.add_child_requests.push(r.clone());
+        let spec = r.child.ok_or_else(|| Status::invalid_argument("child"))?;
+        child_replica(&spec.uri).ok_or_else(|| Status::invalid_argument("child uri"))?;
+        let n = st.nexuses.get_mut(&r.volume_uuid).ok_or_else(|| Status::not_found("nexus"))?;
+        if n.epoch != r.epoch {
+            return Err(Status::failed_precondition(format!(
+                "epoch {} is not the nexus's {}",
+                r.epoch, n.epoch
+            )));
+        }
+        match n.children.iter_mut().find(|c| c.replica_uuid == spec.replica_uuid) {
+            // Idempotent: online or rebuilding children are left as they are.
+            Some(c) if c.state != rpc::ChildState::Faulted as i32 => {}
+            Some(c) => *c = fake_child(&spec),
+            None => n.children.push(fake_child(&spec)),
+        }
+        Ok(Response::new(n.clone()))
     }
     async fn remove_child(
         &self,
-        _: Request<rpc::RemoveChildRequest>,
+        r: Request<rpc::RemoveChildRequest>,
     ) -> Result<Response<rpc::Nexus>, Status> {
-        Err(Status::unimplemented("fake engine: RemoveChild"))
+        let r = r.into_inner();
+        let mut st = self.state.lock();
+        st.calls.push("RemoveChild");
+        st.remove_child_requests.push(r.clone());
+        let n = st.nexuses.get_mut(&r.volume_uuid).ok_or_else(|| Status::not_found("nexus"))?;
+        if n.epoch != r.epoch {
+            return Err(Status::failed_precondition("epoch"));
+        }
+        n.children.retain(|c| c.replica_uuid != r.replica_uuid);
+        Ok(Response::new(n.clone()))
     }
     async fn set_replica_generation(
         &self,
-        _: Request<rpc::SetReplicaGenerationRequest>,
+        r: Request<rpc::SetReplicaGenerationRequest>,
     ) -> Result<Response<rpc::Replica>, Status> {
-        Err(Status::unimplemented("fake engine: SetReplicaGeneration"))
+        let r = r.into_inner();
+        let mut st = self.state.lock();
+        st.generation_requests.push(r.clone());
+        let rep = st.replicas.get_mut(&r.uuid).ok_or_else(|| Status::not_found("replica"))?;
+        rep.generation = rep.generation.max(r.generation);
+        Ok(Response::new(rep.clone()))
     }
 }
 
@@ -349,11 +415,22 @@ impl TestControl {
     }
 
     pub async fn start_on(dir: &Path, api: SocketAddr, grpc: SocketAddr) -> Self {
+        Self::start_with(dir, api, grpc, |_| {}).await
+    }
+
+    /// Like [`TestControl::start_on`], with flags changed by `tune` (after the test defaults).
+    pub async fn start_with(
+        dir: &Path,
+        api: SocketAddr,
+        grpc: SocketAddr,
+        tune: impl FnOnce(&mut ControlArgs),
+    ) -> Self {
         let mut args = ControlArgs::ephemeral(dir);
         args.api_listen = api;
         args.grpc_listen = grpc;
         args.node_timeout_secs = 3;
         args.reconcile_secs = 1;
+        tune(&mut args);
         let cancel = CancellationToken::new();
         let running = trireme_control::start(args, cancel.clone()).await.unwrap();
         let (api, grpc) = (running.api_addr, running.grpc_addr);
@@ -372,6 +449,15 @@ impl TestControl {
 
     pub fn viewer(&self) -> Client {
         Client::new(&self.api.to_string(), Some(self.token(trireme_control::VIEWER_TOKEN_FILE)))
+            .unwrap()
+    }
+
+    /// A gRPC client of control's registry, as a nexus uses it.
+    pub async fn registry(
+        &self,
+    ) -> rpc::registry_client::RegistryClient<tonic::transport::Channel> {
+        rpc::registry_client::RegistryClient::connect(format!("http://{}", self.grpc))
+            .await
             .unwrap()
     }
 

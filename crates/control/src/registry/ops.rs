@@ -17,12 +17,12 @@
 use std::collections::BTreeSet;
 
 use trireme_api::{Node, Volume};
-use trireme_types::NodeId;
+use trireme_types::{NodeId, ReplicaId, VolumeId};
 
 use crate::ControlError;
 use crate::events::Kind;
-use crate::registry::Registry;
-use crate::registry::records::{NodeRecord, VolumePhase, VolumeRecord};
+use crate::registry::records::{ChildHealth, NodeRecord, VolumePhase, VolumeRecord};
+use crate::registry::{Registry, State};
 
 /// Serialises writes of node records (flags and registration). Control runs one registry per
 /// process, and these writes are rare and short, so one lock for all of them is enough.
@@ -109,9 +109,10 @@ impl Registry {
         self.node(nid.as_str())
     }
 
-    /// Clears `draining` once the drain left nothing on the node (the node stays cordoned).
-    /// Returns whether it did; a concurrent uncordon or new drain wins.
-    pub(crate) async fn finish_drain(&self, nid: &NodeId) -> Result<bool, ControlError> {
+    /// Clears `draining` once the drain left nothing on the node (the node stays cordoned);
+    /// called by the reconciler's drain step. Returns whether it did (a concurrent uncordon
+    /// already cleared it).
+    pub async fn finish_drain(&self, nid: &NodeId) -> Result<bool, ControlError> {
         let _writes = NODE_WRITES.lock().await;
         let Some(mut record) = self.state.read().nodes.get(nid).map(|n| n.record.clone()) else {
             return Ok(false);
@@ -151,6 +152,11 @@ impl Registry {
     }
 
     /// Sets how many replicas the volume keeps (1 up to the number of nodes able to hold one).
+    ///
+    /// The count is persisted first, then replicas are added (each placed on a node holding
+    /// none, recorded as needing a full rebuild, joined to the nexus) or removed (in
+    /// [`shrink_order`]; never the last current one). Answers once the engines have been asked;
+    /// new replicas turn online when their rebuild finishes.
     pub async fn set_replicas(&self, id: &str, replicas: u8) -> Result<Volume, ControlError> {
         if replicas == 0 {
             return Err(ControlError::InvalidBody { detail: "replicas must be at least 1".into() });
@@ -161,12 +167,10 @@ impl Registry {
             .find_volume(id)
             .map(|v| v.id)
             .ok_or_else(|| ControlError::not_found("volume", id))?;
-        let _guard = self.lock_volume(vid).await;
+        let _op = self.lock_volume(vid).await;
         let record =
             self.volume_record(&vid).ok_or_else(|| ControlError::not_found("volume", id))?;
-        if record.phase == VolumePhase::Deleting {
-            return Err(ControlError::VolumeDeleting { volume: vid });
-        }
+        check_settable(&record)?;
         let current = record.replicas.len();
         let wanted = usize::from(replicas);
         if wanted > current {
@@ -181,9 +185,105 @@ impl Registry {
                 });
             }
         }
-        if wanted == current && record.replica_count == replicas {
-            return self.volume(&vid.to_string());
+        let before = record.replica_count;
+        if before != replicas {
+            self.update_volume(vid, |r| {
+                check_settable(r)?;
+                r.replica_count = replicas;
+                Ok(())
+            })
+            .await?;
+            self.events
+                .record(
+                    Kind::Volume,
+                    vid,
+                    "replicas_set",
+                    format!("volume {} keeps {replicas} replica(s) (was {before})", record.name),
+                )
+                .await;
         }
-        Err(ControlError::ReplicationUnavailable)
+        let result = if wanted > current {
+            self.grow(vid, wanted - current).await
+        } else {
+            self.shrink(vid, current - wanted).await
+        };
+        if let Err(e) = result {
+            // Keep the spec honest: it says what the volume has now, not what it failed to get.
+            let fallback = self
+                .update_volume(vid, |r| {
+                    let have = u8::try_from(r.replicas.len()).unwrap_or(u8::MAX);
+                    r.replica_count = have.max(1);
+                    Ok(())
+                })
+                .await;
+            if let Err(u) = fallback {
+                tracing::warn!(volume = %vid, "cannot correct the replica count after a failed set-replicas: {u}");
+            }
+            return Err(e);
+        }
+        self.wake();
+        self.volume(&vid.to_string())
     }
+
+    /// Adds `n` replicas (caller holds the volume's operation lock).
+    async fn grow(&self, vid: VolumeId, n: usize) -> Result<(), ControlError> {
+        for _ in 0..n {
+            self.add_replica_locked(vid, &[]).await?;
+        }
+        Ok(())
+    }
+
+    /// Removes `n` replicas, the least valuable first (caller holds the operation lock).
+    async fn shrink(&self, vid: VolumeId, n: usize) -> Result<(), ControlError> {
+        let victims: Vec<ReplicaId> = {
+            let st = self.state.read();
+            let Some(v) = st.volumes.get(&vid) else {
+                return Err(ControlError::not_found("volume", vid.to_string()));
+            };
+            shrink_order(&st, v).into_iter().take(n).collect()
+        };
+        for rid in victims {
+            self.remove_replica_locked(vid, rid).await?;
+        }
+        Ok(())
+    }
+}
+
+fn check_settable(r: &VolumeRecord) -> Result<(), ControlError> {
+    match r.phase {
+        VolumePhase::Ready => Ok(()),
+        VolumePhase::Deleting => Err(ControlError::VolumeDeleting { volume: r.id }),
+        VolumePhase::Creating => Err(ControlError::InvalidBody {
+            detail: format!("volume {} is still being created; retry when it is ready", r.name),
+        }),
+    }
+}
+
+/// The order in which shrinking removes a volume's replicas: faulted first, then rebuilding,
+/// then current ones away from the nexus (remote), then the nexus's local one; among equals,
+/// those on offline, draining, then cordoned nodes go first. Removal itself refuses the last
+/// current replica, so following this order never loses data.
+pub(crate) fn shrink_order(st: &State, v: &VolumeRecord) -> Vec<ReplicaId> {
+    let mut ranked: Vec<((u8, u8), ReplicaId)> = v
+        .replicas
+        .iter()
+        .map(|r| {
+            let health = match v.child_health(&r.id) {
+                ChildHealth::Faulted => 0,
+                ChildHealth::Rebuilding => 1,
+                ChildHealth::Online if v.publish.as_ref() != Some(&r.node) => 2,
+                ChildHealth::Online => 3,
+            };
+            let node = match st.nodes.get(&r.node) {
+                None => 0,
+                Some(n) if !n.online => 0,
+                Some(n) if n.record.draining => 1,
+                Some(n) if n.record.cordoned => 2,
+                Some(_) => 3,
+            };
+            ((health, node), r.id)
+        })
+        .collect();
+    ranked.sort();
+    ranked.into_iter().map(|(_, id)| id).collect()
 }

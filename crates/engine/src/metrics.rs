@@ -109,6 +109,16 @@ fn render(engine: &Engine, nbd: &ServerStats) -> Result<String, std::fmt::Error>
     );
     let children =
         gauge_family(&mut r, "trireme_nexus_children", "Children of the nexus by state.");
+    let child_state = gauge_family(
+        &mut r,
+        "trireme_child_state",
+        "1 for each child's current state (online, faulted, rebuilding).",
+    );
+    let rebuild_bytes = counter_family(
+        &mut r,
+        "trireme_rebuild_bytes",
+        "Bytes rebuilds copied into the nexus's children.",
+    );
     for n in engine.list_nexuses() {
         let volume = n.volume().to_string();
         nexus_size.get_or_create(&vec![("volume", volume.clone())]).set(int(n.size()));
@@ -125,7 +135,18 @@ fn render(engine: &Engine, nbd: &ServerStats) -> Result<String, std::fmt::Error>
             children
                 .get_or_create(&vec![("volume", volume.clone()), ("state", state.to_owned())])
                 .inc();
+            for s in ["online", "faulted", "rebuilding"] {
+                let labels = vec![
+                    ("volume", volume.clone()),
+                    ("replica", c.replica.to_string()),
+                    ("state", s.to_owned()),
+                ];
+                child_state.get_or_create(&labels).set(i64::from(s == state));
+            }
         }
+        rebuild_bytes
+            .get_or_create(&vec![("volume", volume.clone())])
+            .inc_by(n.rebuild_bytes_total());
     }
 
     let read_ops = counter_family(&mut r, "trireme_nbd_read_ops", "NBD reads served, by export.");

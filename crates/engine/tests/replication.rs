@@ -37,6 +37,7 @@ impl Node {
         let mut args = EngineArgs::local(NodeId::new(name).unwrap(), state_dir.to_owned());
         args.control = control.map(|a| format!("http://{a}"));
         args.child_timeout_ms = 2000;
+        args.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
         let token = CancellationToken::new();
         let running = trireme_engine::start(args, token.clone()).await.unwrap();
         let client =
@@ -156,6 +157,24 @@ async fn read_all(c: &Client, offset: u64, len: u32) -> Vec<u8> {
 
 fn state(c: &rpc::Child) -> rpc::ChildState {
     rpc::ChildState::try_from(c.state).unwrap()
+}
+
+async fn scrape(addr: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(WAIT, s.read_to_string(&mut out)).await.unwrap().unwrap();
+    out
+}
+
+/// The value of the sample whose line starts with `prefix` (metric name and labels).
+fn sample(metrics: &str, prefix: &str) -> f64 {
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no {prefix} in {metrics}"));
+    line.rsplit(' ').next().unwrap().parse().unwrap()
 }
 
 // ---- a fake control plane recording what nexuses record
@@ -389,6 +408,12 @@ async fn children_are_added_and_removed_idempotently_within_the_epoch() {
     let added = n.children.iter().find(|c| c.replica_uuid == r2).unwrap();
     assert_eq!(added.last_rebuild_kind, rpc::ChildJoin::Full as i32);
     assert!(added.last_rebuild_copied_bytes >= MIB, "{added:?}");
+    let m = scrape(a.running.metrics_addr().unwrap()).await;
+    let rebuilt = sample(&m, &format!("trireme_rebuild_bytes_total{{volume=\"{volume}\"}}"));
+    assert!(rebuilt >= MIB as f64, "{rebuilt}");
+    let online =
+        format!("trireme_child_state{{volume=\"{volume}\",replica=\"{r2}\",state=\"online\"}}");
+    assert_eq!(sample(&m, &online), 1.0);
     // Again: nothing changes.
     let n = a.client.add_child(add(3)).await.unwrap().into_inner();
     assert_eq!(n.children.len(), 2);

@@ -364,3 +364,20 @@ async fn a_replica_faulted_too_long_is_replaced_elsewhere() {
     );
     c.control.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nexus_that_stopped_serving_is_recreated_with_a_new_epoch() {
+    let c = cluster(2, |_| {}).await;
+    let n1 = &c.nodes[0];
+    let (v, _, _) = published(&c).await;
+    n1.state.lock().nexuses.get_mut(&v.id.to_string()).unwrap().stopped_reason =
+        "could not record the nexus's state: control unreachable".into();
+    let again = eventually("nexus recreated", 30, || async {
+        n1.state.lock().create_nexus_requests.get(1).cloned()
+    })
+    .await;
+    assert_eq!(again.epoch, 2);
+    assert!(n1.state.lock().calls.contains(&"DestroyNexus"));
+    wait_event(&c.api, "nexus_stopped").await;
+    c.control.stop().await;
+}

@@ -17,7 +17,10 @@ use crate::registry::{Registry, State};
 
 impl Reconciler {
     /// Step 4: create the nexus of every published volume whose node does not report it.
+    /// A nexus that stopped serving on its own (fenced, or it could not record a membership
+    /// change) is destroyed first, so that it is recreated with a new epoch from the store.
     pub(super) async fn nexuses(&mut self, reg: &Registry) {
+        self.stopped_nexuses(reg).await;
         let todo: Vec<VolumeId> = {
             let st = reg.state.read();
             st.volumes
@@ -55,6 +58,41 @@ impl Reconciler {
                     }
                 }
                 Err(e) => self.failed(reg, Kind::Nexus, &id.to_string(), subject, e).await,
+            }
+        }
+    }
+
+    async fn stopped_nexuses(&mut self, reg: &Registry) {
+        let stopped: Vec<(VolumeId, NodeId, String)> = {
+            let st = reg.state.read();
+            st.volumes
+                .values()
+                .filter(|v| v.phase == VolumePhase::Ready)
+                .filter_map(|v| {
+                    let n = crate::registry::view::observed_nexus(&st, v)?;
+                    let node = v.publish.clone()?;
+                    (!n.stopped_reason.is_empty()).then(|| (v.id, node, n.stopped_reason.clone()))
+                })
+                .collect()
+        };
+        for (vid, node, reason) in stopped {
+            let subject = format!("stopped nexus of volume {vid} on node {node}");
+            let _op = reg.lock_volume(vid).await;
+            match reg.destroy_nexus(&node, vid).await {
+                Ok(()) => {
+                    self.succeeded(&subject);
+                    reg.events()
+                        .record(
+                            Kind::Volume,
+                            vid,
+                            "nexus_stopped",
+                            format!(
+                                "the nexus of volume {vid} on node {node} stopped serving ({reason}); recreating it with a new epoch"
+                            ),
+                        )
+                        .await;
+                }
+                Err(e) => self.failed(reg, Kind::Nexus, &vid.to_string(), subject, e).await,
             }
         }
     }

@@ -18,7 +18,7 @@ use crate::error::EngineError;
 use crate::nexus::recorder::NoRecorder;
 use crate::nexus::{Nexus, RebuildLimits, Recorder};
 use crate::pools::{PoolView, Pools};
-use crate::remote::RemoteOptions;
+use crate::remote::{RemoteChild, RemoteOptions};
 use crate::share::{Shares, nexus_export_name};
 
 /// What every nexus of this engine is created with.
@@ -59,6 +59,8 @@ pub struct Engine {
     nexuses: Mutex<BTreeMap<VolumeId, Arc<Nexus>>>,
     /// Serialises the operations on each volume's nexus (see `nexuses.rs`).
     nexus_locks: Mutex<BTreeMap<VolumeId, Arc<tokio::sync::Mutex<()>>>>,
+    /// The remote children opened for each volume's nexus, to refresh their size on resize.
+    remote_children: Mutex<BTreeMap<VolumeId, Vec<std::sync::Weak<RemoteChild>>>>,
     shares: Arc<Shares>,
     settings: NexusSettings,
 }
@@ -78,6 +80,7 @@ impl Engine {
             pools,
             nexuses: Mutex::new(BTreeMap::new()),
             nexus_locks: Mutex::new(BTreeMap::new()),
+            remote_children: Mutex::new(BTreeMap::new()),
             shares: Arc::new(Shares::default()),
             settings,
         };

@@ -420,13 +420,13 @@ impl rpc::engine_server::Engine for EngineService {
 
     async fn resize_nexus(&self, req: Request<rpc::ResizeNexusRequest>) -> Reply<rpc::Nexus> {
         let req = req.into_inner();
-        let run = || {
+        let run = async {
             let volume = parse_id("volume_uuid", &req.volume_uuid)?;
             let size = parse_size("size_bytes", req.size_bytes)?;
-            let nexus = self.engine.resize_nexus(volume, size)?;
+            let nexus = self.engine.resize_nexus(volume, size).await?;
             Ok(nexus_reply(&self.engine, &nexus))
         };
-        run().map(Response::new).map_err(to_status)
+        run.await.map(Response::new).map_err(to_status)
     }
 
     async fn list_nexuses(

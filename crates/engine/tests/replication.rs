@@ -284,6 +284,22 @@ async fn a_nexus_mirrors_a_local_and_a_remote_replica_and_a_newer_epoch_fences_i
     assert!(on_b.capabilities().read_only);
     assert!(on_b.write(0, IoBuf::copy_from(&[1u8; 512]), false).await.is_err());
 
+    // Grow the volume: both replicas first, then the nexus (the remote child reconnects to
+    // learn its new size); a write past the old end reaches both replicas.
+    for (node, replica) in [(&mut a, &ra), (&mut b, &rb)] {
+        let grow = rpc::ResizeReplicaRequest { uuid: replica.clone(), size_bytes: 32 * MIB };
+        node.client.resize_replica(grow).await.unwrap();
+    }
+    let grow = rpc::ResizeNexusRequest { volume_uuid: volume.clone(), size_bytes: 32 * MIB };
+    let n = a.client.resize_nexus(grow).await.unwrap().into_inner();
+    assert_eq!(n.size_bytes, 32 * MIB);
+    assert!(n.children.iter().all(|c| state(c) == rpc::ChildState::Online), "{n:?}");
+    let grown = a.nbd(&volume).await.unwrap();
+    grown.write(20 * MIB, IoBuf::copy_from(&data[..4096]), true).await.unwrap();
+    let on_b_grown = b.nbd(&format!("replica-{rb}")).await.unwrap();
+    assert!(read_all(&on_b_grown, 20 * MIB, 4096).await == data[..4096], "remote missed it");
+    drop((grown, on_b_grown));
+
     // Control moves the volume to node B with epoch 2: A's nexus is fenced by its first I/O.
     let volume_b = create_req(
         &volume,

@@ -70,7 +70,12 @@ impl Engine {
 
     /// Opens one child for the nexus of `epoch`. A child fenced by a newer epoch is an error
     /// (the caller is stale); one that cannot be reached is `Unavailable`.
-    async fn open_child(&self, uri: &ChildUri, epoch: u64) -> Result<Opened, EngineError> {
+    async fn open_child(
+        &self,
+        volume: VolumeId,
+        uri: &ChildUri,
+        epoch: u64,
+    ) -> Result<Opened, EngineError> {
         let result = match uri {
             ChildUri::Local(id) => match self.shares.replica(*id) {
                 None => Err(ChildError::Gone),
@@ -82,9 +87,13 @@ impl Engine {
                     Err(e) => Err(ChildError::from(e)),
                 },
             },
-            ChildUri::Nbd { .. } => RemoteChild::open(uri, epoch, self.settings.remote)
-                .await
-                .map(|c| Arc::new(c) as Arc<dyn Child>),
+            ChildUri::Nbd { .. } => {
+                RemoteChild::open(uri, epoch, self.settings.remote).await.map(|c| {
+                    let c = Arc::new(c);
+                    self.track_remote(volume, &c);
+                    c as Arc<dyn Child>
+                })
+            }
         };
         match result {
             Ok(child) => Ok(Opened::Child(child)),
@@ -134,7 +143,7 @@ impl Engine {
         for c in &req.children {
             replicas.push(c.replica()?);
         }
-        let opens = req.children.iter().map(|c| self.open_child(&c.uri, req.epoch));
+        let opens = req.children.iter().map(|c| self.open_child(volume, &c.uri, req.epoch));
         let opened = futures::future::join_all(opens).await;
         let mut children = Vec::with_capacity(opened.len());
         for ((spec, replica), opened) in req.children.iter().zip(replicas).zip(opened) {
@@ -199,7 +208,7 @@ impl Engine {
         if present {
             return Ok(nexus);
         }
-        let opened = match self.open_child(&child.uri, epoch).await? {
+        let opened = match self.open_child(volume, &child.uri, epoch).await? {
             Opened::Child(c) => c,
             Opened::Unavailable(_, error) => {
                 return Err(EngineError::ChildUnavailable { uri: child.uri.to_string(), error });
@@ -239,6 +248,7 @@ impl Engine {
             self.shares.remove(&nexus_export_name(volume));
             nexuses.remove(&volume)
         };
+        self.remote_children.lock().remove(&volume);
         if let Some(nexus) = nexus {
             if let Err(e) = nexus.close().await {
                 tracing::warn!(%volume, error = %e, "flushing the nexus on destroy failed");
@@ -247,12 +257,40 @@ impl Engine {
         }
     }
 
-    pub fn resize_nexus(
+    /// Remembers a remote child of the volume's nexus (pruning the ones gone).
+    fn track_remote(&self, volume: VolumeId, child: &Arc<RemoteChild>) {
+        let mut remotes = self.remote_children.lock();
+        let list = remotes.entry(volume).or_default();
+        list.retain(|w| w.strong_count() > 0);
+        list.push(Arc::downgrade(child));
+    }
+
+    /// Grows the nexus; its children must hold `size` bytes already. Remote children smaller
+    /// than that reconnect first, to learn a size their replica gained since they connected.
+    pub async fn resize_nexus(
         &self,
         volume: VolumeId,
         size: ByteSize,
     ) -> Result<Arc<Nexus>, EngineError> {
+        let lock = self.volume_lock(volume);
+        let _guard = lock.lock().await;
         let nexus = self.nexus(volume).ok_or(EngineError::NexusNotFound(volume))?;
+        let stale: Vec<Arc<RemoteChild>> = {
+            let mut remotes = self.remote_children.lock();
+            let list = remotes.entry(volume).or_default();
+            list.retain(|w| w.strong_count() > 0);
+            list.iter()
+                .filter_map(std::sync::Weak::upgrade)
+                .filter(|c| c.size() < size.bytes())
+                .collect()
+        };
+        for child in stale {
+            if let Err(e) = child.refresh_size().await {
+                // The resize below reports the child as too small; the nexus faults it on
+                // its next failing request anyway.
+                tracing::warn!(%volume, child = %child.uri(), error = %e, "cannot refresh a remote child's size");
+            }
+        }
         nexus.resize(size.bytes())?;
         Ok(nexus)
     }

@@ -119,6 +119,13 @@ impl RemoteChild {
         self.epoch
     }
 
+    /// Reconnects to learn the replica's current size (an NBD connection keeps the size it
+    /// negotiated, so a replica grown on its engine looks unchanged until then). Requests in
+    /// flight finish on the old connection. Returns the new size.
+    pub async fn refresh_size(&self) -> Result<u64, ChildError> {
+        self.bounded("reconnect", async { self.client.reconnect().await.map(|c| c.size()) }).await
+    }
+
     /// Closes the connection cleanly (bounded by the I/O timeout). Later requests fail.
     pub async fn close(&self) {
         let _ = tokio::time::timeout(self.io_timeout, self.client.disconnect()).await;

@@ -444,3 +444,78 @@ async fn set_replicas_and_drain_under_fio() {
     compare_replicas(&h, VOL).await;
     eprintln!("{runs} fio runs without error through shrink, grow and drain");
 }
+
+/// The same guarantee when the old nexus was frozen (SIGSTOP) rather than partitioned: its
+/// engine could not be told anything, the volume is republished on host 1 (host 0's replica
+/// cannot be claimed: its engine does not answer), a write is queued to the old nexus, and the
+/// engine is thawed. The write must fail, and once host 0's replica is back in the volume and
+/// rebuilt, every replica must hold the same bytes: nothing the old nexus wrote may survive in
+/// its own local replica either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_old_nexus_thawed_after_republish_leaves_no_trace() {
+    let (h, uri0) = start(HostsConfig::new(3)).await;
+    let opts =
+        trireme_nbd::ClientOptions { io_timeout: Duration::from_secs(90), ..Default::default() };
+    let old =
+        std::sync::Arc::new(trireme_nbd::Client::connect_uri(&uri0, opts.clone()).await.unwrap());
+    let block = |byte: u8| trireme_iobuf::IoBuf::copy_from(&vec![byte; 4096]);
+    const A: u64 = 10 * MIB;
+    const B: u64 = 200 * MIB;
+    old.write(A, block(0xaa), false).await.unwrap();
+    old.flush().await.unwrap();
+
+    h.signal_engine(0, nix::sys::signal::Signal::SIGSTOP);
+    tools_wait_node(&h, 0, trireme_types::NodeState::Offline).await;
+    let client = h.client();
+    let unpublished = client.unpublish_volume(VOL).await;
+    eprintln!("unpublish with the old nexus frozen: {:?}", unpublished.as_ref().map(|v| &v.status));
+    let body =
+        trireme_api::PublishBody { node: Some(trireme_types::NodeId::new(h.node(1)).unwrap()) };
+    client.publish_volume(VOL, &body).await.unwrap_or_else(|e| panic!("republish on node-1: {e}"));
+    let v = h
+        .wait_volume(VOL, "republished on node-1 with 2 children online", T, |v| {
+            let t = v.status.target.as_ref().ok_or("no target")?;
+            let online = t.children.iter().filter(|c| c.state == ChildState::Online).count();
+            if t.node.as_str() == "node-1" && online >= 2 {
+                Ok(v.clone())
+            } else {
+                Err(format!("target on {} with {online} online", t.node))
+            }
+        })
+        .await;
+    let uri1 = v.status.target.as_ref().unwrap().uri.clone();
+
+    // Queue a write to the frozen nexus, then thaw it.
+    let o = old.clone();
+    let write = tokio::spawn(async move {
+        let w = o.write(B, block(0xbb), false).await;
+        let f = if w.is_ok() { Some(o.flush().await) } else { None };
+        (w, f)
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    h.signal_engine(0, nix::sys::signal::Signal::SIGCONT);
+    let (wrote, flushed) = tokio::time::timeout(T, write).await.unwrap().unwrap();
+    eprintln!("thawed old nexus: write {wrote:?}, flush {flushed:?}");
+    assert!(
+        wrote.is_err() || matches!(flushed, Some(Err(_))),
+        "the thawed old nexus acknowledged a write and a flush after the volume was republished"
+    );
+    drop(old);
+
+    // Host 0's replica comes back into the volume (rebuilt), and then all must agree.
+    h.wait_all_online(VOL, T).await;
+    let new = trireme_nbd::Client::connect_uri(&uri1, opts.clone()).await.unwrap();
+    assert!(new.read(A, 4096).await.unwrap().iter().all(|&b| b == 0xaa), "A through the new nexus");
+    for r in &h.volume(VOL).await.status.replicas {
+        let c = trireme_nbd::Client::connect_uri(&h.replica_uri(r), opts.clone()).await.unwrap();
+        let data = c.read(B, 4096).await.unwrap();
+        assert!(
+            data.iter().all(|&b| b == 0),
+            "the replica on {} holds the old nexus's refused write at {B} (starts {:02x?}) after \
+             it rejoined the volume",
+            r.node,
+            &data[..8]
+        );
+    }
+    compare_replicas(&h, VOL).await;
+}

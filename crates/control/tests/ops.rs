@@ -352,26 +352,30 @@ async fn drain_moves_replicas_and_the_nexus_then_leaves_the_node_cordoned() {
         let ev = api.events(None).await.ok()?;
         ev.iter()
             .any(|e| {
-                e.id == "node-1" && e.reason == "reconcile_failed" && e.message.contains("node")
+                e.id == "node-1"
+                    && e.reason == "drain_waiting"
+                    && e.message.contains("set-replicas")
             })
             .then_some(())
     })
     .await;
     assert_eq!(api.node("node-1").await.unwrap().status.state, NodeState::Draining);
-    // Room again: the replacement goes to node-2, then the nexus moves to node-3 (a node
-    // holding a current replica) with a new epoch, then node-1's replica goes.
+    // Room again: a replacement goes to node-2, and the nexus moves at once to node-3 (a
+    // usable node holding a current replica) with a new epoch; the new nexus rebuilds node-2's
+    // replica, and only then does node-1's replica go.
     api.uncordon_node("node-2").await.unwrap();
     eventually("a replacement on node-2", 30, || async {
         (nodes[1].state.lock().replicas.len() == 1).then_some(())
     })
     .await;
-    finish_rebuilds(&control, &nodes[0], &vid).await;
     let v = eventually("republished on node-3", 30, || async {
         let v = api.volume("vol-d").await.ok()?;
         (v.status.target.as_ref()?.node.as_str() == "node-3").then_some(v)
     })
     .await;
     assert_eq!(v.spec.publish.as_ref().map(|n| n.as_str()), Some("node-3"));
+    assert_eq!(api.node("node-1").await.unwrap().status.state, NodeState::Draining);
+    finish_rebuilds(&control, &nodes[2], &vid).await;
     let old_epoch = nodes[0].state.lock().create_nexus_requests[0].epoch;
     let new = nodes[2].state.lock().create_nexus_requests.last().cloned().unwrap();
     assert!(new.epoch > old_epoch, "a new epoch fences the old nexus");

@@ -64,6 +64,12 @@ pub(super) fn step(
     }
     let online_staying: Vec<&ReplicaRecord> =
         staying.iter().copied().filter(|r| v.child_health(&r.id) == ChildHealth::Online).collect();
+    // The nexus moves as soon as another usable node holds a current replica: the new nexus
+    // takes the replicas on this node as remote children and rebuilds the new ones itself,
+    // which also covers a draining node that is down (its nexus rebuilds nothing).
+    if published_here && let Some(r) = online_staying.iter().find(|r| usable(&r.node)) {
+        return Some(Step::Republish(r.node.clone()));
+    }
     if v.publish.is_some()
         && let Some(r) = staying.iter().find(|r| v.child_health(&r.id) == ChildHealth::Rebuilding)
     {
@@ -73,14 +79,11 @@ pub(super) fn step(
         )));
     }
     if published_here {
-        return Some(match online_staying.iter().find(|r| usable(&r.node)) {
-            Some(r) => Step::Republish(r.node.clone()),
-            None => Step::Wait(format!(
-                "volume {} is published on node {node} and no other usable node holds a current \
-                 replica of it yet",
-                v.name
-            )),
-        });
+        return Some(Step::Wait(format!(
+            "volume {} is published on node {node} and no other usable node holds a current \
+             replica of it yet",
+            v.name
+        )));
     }
     if online_staying.is_empty() {
         return Some(Step::Wait(if v.publish.is_none() {
@@ -148,16 +151,21 @@ impl Reconciler {
         };
         let Some((next, name)) = next else { return };
         let result = match next {
-            Step::Wait(why) => {
-                // Not a failure, but worth saying once: the node stays `draining` meanwhile.
-                return self.failed(reg, Kind::Node, node.as_str(), subject, why).await;
-            }
-            Step::Add => reg.add_replica_locked(vid, &[]).await.map(|r| {
-                format!(
+            Step::Wait(why) => return self.drain_waits(reg, node, subject, why).await,
+            Step::Add => match reg.add_replica_locked(vid, &[]).await {
+                Ok(r) => Ok(format!(
                     "replica {} of volume {name} placed on node {} to take over from node {node}",
                     r.id, r.node
-                )
-            }),
+                )),
+                Err(crate::ControlError::Placement(e)) => {
+                    let why = format!(
+                        "no other node can take a replica of volume {name} ({e}); uncordon or \
+                         add a node, or lower its replicas with set-replicas"
+                    );
+                    return self.drain_waits(reg, node, subject, why).await;
+                }
+                Err(e) => Err(e),
+            },
             Step::Republish(to) => reg
                 .update_volume(vid, |r| {
                     if r.publish.as_ref() == Some(node) {
@@ -190,6 +198,19 @@ impl Reconciler {
                 reg.wake();
             }
             Err(e) => self.failed(reg, Kind::Node, node.as_str(), subject, e).await,
+        }
+    }
+}
+
+impl Reconciler {
+    /// Says once (until the reason changes or the step succeeds) why a drain cannot go on:
+    /// not a failure, but the node stays `draining` meanwhile and the operator should know.
+    async fn drain_waits(&mut self, reg: &Registry, node: &NodeId, subject: String, why: String) {
+        if self.failures.get(&subject) != Some(&why) {
+            reg.events()
+                .record(Kind::Node, node, "drain_waiting", format!("{subject}: {why}"))
+                .await;
+            self.failures.insert(subject, why);
         }
     }
 }
@@ -253,6 +274,17 @@ mod tests {
         assert_eq!(plan(&v), Some(Step::Remove(vec![v.replicas[0].clone()])));
         v.replicas.remove(0);
         assert_eq!(plan(&v), None, "nothing left on the node");
+    }
+
+    #[test]
+    fn a_nexus_on_a_node_that_is_down_moves_before_the_new_replica_is_rebuilt() {
+        let mut v = volume(&["a", "b", "c"], 2, Some("a"));
+        rebuilding(&mut v, 2);
+        assert_eq!(plan(&v), Some(Step::Republish(n("b"))));
+        // One replica only, on the node: the nexus there rebuilds the new one first.
+        let mut v = volume(&["a", "b"], 1, Some("a"));
+        rebuilding(&mut v, 1);
+        assert!(matches!(plan(&v), Some(Step::Wait(w)) if w.contains("rebuilding")));
     }
 
     #[test]

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs the real programs the tests drive: NBD clients (libnbd-bin, which has nbdfuse), fio (with its nbd
-# engine), qemu-img/qemu-io/qemu-nbd, nbdkit, file system tools, FUSE, loop devices, iproute2.
+# engine), qemu-img/qemu-io/qemu-nbd, nbdkit (Debian's package includes the file plugin and the error
+# filter the failing-disk tests use), file system tools, FUSE, loop devices, and iproute2 (`ip netns`,
+# bridges and veth pairs: the multi-host replication tests put each engine in its own namespace).
 # Idempotent: installs only what is missing. Needs root (or sudo) and Debian's package registry.
 set -euo pipefail
 
@@ -22,6 +24,11 @@ fi
 # Loop devices and FUSE for the nbdfuse + losetup attach path.
 [ -e /dev/fuse ] || { echo "warning: /dev/fuse is missing; nbdfuse tests will fail" >&2; }
 [ -e /dev/loop-control ] || modprobe loop 2>/dev/null || true
+# Bridges and veth pairs for the multi-host tests: built in on most kernels, modules elsewhere.
+modprobe -q bridge 2>/dev/null || true
+modprobe -q veth 2>/dev/null || true
+nbdkit --filter=error null --dump-plugin >/dev/null 2>&1 ||
+  echo "warning: nbdkit has no error filter; the failing-disk tests will fail" >&2
 
 if ! command -v cargo-nextest >/dev/null 2>&1 && ! cargo nextest --version >/dev/null 2>&1; then
   echo "installing cargo-nextest"

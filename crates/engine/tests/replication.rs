@@ -346,7 +346,28 @@ async fn unreachable_children_start_faulted_and_a_nexus_needs_a_current_one() {
     let ra = a.replica(8 * MIB).await;
     let rb = b.replica(8 * MIB).await;
     let remote = b.remote_uri(&rb);
+
+    // A nexus whose remote child's engine dies keeps serving; the child is faulted within
+    // the child timeout.
+    let serving = uuid::Uuid::new_v4().to_string();
+    let both = vec![
+        child(Node::local_uri(&ra), rpc::ChildJoin::Online),
+        child(remote.clone(), rpc::ChildJoin::Online),
+    ];
+    a.client.create_nexus(create_req(&serving, 8 * MIB, 1, both)).await.unwrap();
+    let vol = a.nbd(&serving).await.unwrap();
+    vol.write(0, IoBuf::copy_from(&pattern(4096, 1)), true).await.unwrap();
     b.stop().await;
+    let started = tokio::time::Instant::now();
+    vol.write(4096, IoBuf::copy_from(&pattern(4096, 2)), true).await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10), "a dead peer held a write up");
+    let n = a.nexus(&serving).await;
+    let lost = n.children.iter().find(|c| c.uri == remote).unwrap();
+    assert_eq!(state(lost), rpc::ChildState::Faulted, "{n:?}");
+    assert_eq!(lost.fault_reason, "disconnected");
+    assert!(read_all(&vol, 0, 8192).await[4096..] == pattern(4096, 2)[..]);
+    drop(vol);
+    a.client.destroy_nexus(rpc::DestroyNexusRequest { volume_uuid: serving }).await.unwrap();
 
     // Only the unreachable child was current: nothing to serve.
     let volume = uuid::Uuid::new_v4().to_string();

@@ -9,6 +9,8 @@
 //!                                      │     4. nexuses   create for published volumes
 //!                                      │    4b. children  re-add returning ones, replace lost
 //!                                      │                  ones, stamp generations
+//!                                      │    4c. drain     move replicas and nexuses off
+//!                                      │                  draining nodes
 //!                                      │     5. orphans   destroy_orphaned nexuses and replicas
 //!                                      └─> pass_done() (publish waiters re-check)
 //! ```
@@ -20,6 +22,7 @@
 //! Failures become events, once per distinct failure (not once per pass).
 
 mod children;
+mod drain;
 mod nexus;
 mod pool;
 mod volume;
@@ -119,6 +122,7 @@ impl Reconciler {
         self.volumes(reg).await;
         self.nexuses(reg).await;
         self.children(reg).await;
+        self.drain(reg).await;
         self.destroy_orphaned(reg).await;
         self.state_events(reg).await;
     }

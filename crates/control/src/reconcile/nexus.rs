@@ -149,7 +149,7 @@ impl Reconciler {
                 continue; // claimed since the observation
             }
             let subject = format!("orphaned replica {rid} on node {node}");
-            match destroy_replica(reg, &node, rid).await {
+            match reg.destroy_replica_on(&node, rid).await {
                 Ok(()) => {
                     self.succeeded(&subject);
                     reg.events()
@@ -282,28 +282,95 @@ async fn create_nexus(
     Ok(Created::Yes)
 }
 
-async fn destroy_replica(
-    reg: &Registry,
-    node: &NodeId,
-    rid: ReplicaId,
-) -> Result<(), crate::engine_client::EngineError> {
-    let Some(endpoint) = reg.state.read().online_endpoint(node) else { return Ok(()) };
-    let mut client = reg.engines.client(node, &endpoint)?;
-    match reg
-        .engines
-        .call(
-            node,
-            "DestroyReplica",
-            client.destroy_replica(rpc::DestroyReplicaRequest { uuid: rid.to_string() }),
-        )
-        .await
-    {
-        Ok(_) => {}
-        Err(e) if e.is_not_found() => {}
-        Err(e) => return Err(e),
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::registry::records::{
+        ChildHealth, ChildStatusRecord, NodeRecord, RECORD_VERSION, ReplicaRecord,
+    };
+    use crate::registry::{NodeEntry, Observation};
+    use trireme_api::RebuildKind;
+    use trireme_types::ByteSize;
+
+    fn state(online: &[(&str, bool)]) -> State {
+        let mut st = State::default();
+        for (id, up) in online {
+            let nid: NodeId = id.parse().unwrap();
+            st.nodes.insert(
+                nid.clone(),
+                NodeEntry {
+                    record: NodeRecord {
+                        version: RECORD_VERSION,
+                        id: nid.clone(),
+                        grpc_endpoint: "g".into(),
+                        nbd_endpoint: format!("10.0.0.{}:10809", id.len()),
+                        engine_version: "v".into(),
+                        cordoned: false,
+                        draining: false,
+                    },
+                    last_seen: None,
+                    last_seen_ms: 0,
+                    online: *up,
+                },
+            );
+            st.observed.insert(nid, Observation::default());
+        }
+        st
     }
-    if let Some(o) = reg.state.write().touched(node) {
-        o.replicas.remove(&rid);
+
+    fn volume() -> VolumeRecord {
+        let r = |node: &str| ReplicaRecord {
+            id: ReplicaId::new_random(),
+            pool: "p".parse().unwrap(),
+            node: node.parse().unwrap(),
+        };
+        VolumeRecord {
+            version: RECORD_VERSION,
+            id: VolumeId::new_random(),
+            name: "v".parse().unwrap(),
+            size: ByteSize::mib(1),
+            replica_count: 2,
+            thin: true,
+            publish: Some("a".parse().unwrap()),
+            replicas: vec![r("a"), r("bb")],
+            phase: VolumePhase::Ready,
+            pending: None,
+            epoch: 0,
+            generation: 0,
+            children: Default::default(),
+        }
     }
-    Ok(())
+
+    #[test]
+    fn every_replica_is_a_child_local_or_over_nbd_joining_as_recorded() {
+        let st = state(&[("a", true), ("bb", true)]);
+        let mut v = volume();
+        let (a, b) = (v.replicas[0].id, v.replicas[1].id);
+        let mut faulted = ChildStatusRecord::new_empty(0);
+        faulted.state = ChildHealth::Faulted;
+        faulted.needs = Some(RebuildKind::Partial);
+        v.children.insert(b, faulted);
+        let got = nexus_children(&st, &v, &"a".parse().unwrap()).unwrap();
+        assert_eq!(got[0].uri, format!("replica:///{a}"));
+        assert_eq!(got[0].join, rpc::ChildJoin::Online as i32);
+        assert_eq!(got[1].uri, format!("nbd://10.0.0.2:10809/replica-{b}"));
+        assert_eq!(got[1].join, rpc::ChildJoin::Partial as i32);
+    }
+
+    #[test]
+    fn never_over_stale_replicas_only() {
+        // The current replica's node is down; the reachable one missed writes.
+        let st = state(&[("a", true), ("bb", false)]);
+        let mut v = volume();
+        let (a, b) = (v.replicas[0].id, v.replicas[1].id);
+        let mut faulted = ChildStatusRecord::new_empty(0);
+        faulted.state = ChildHealth::Faulted;
+        v.children.insert(a, faulted);
+        let err = nexus_children(&st, &v, &"a".parse().unwrap()).unwrap_err();
+        assert_eq!(err, format!("no current replica reachable: waiting for replica {b} on bb"));
+        // Both up: created, the stale one joining for a rebuild.
+        let st = state(&[("a", true), ("bb", true)]);
+        assert!(nexus_children(&st, &v, &"a".parse().unwrap()).is_ok());
+    }
 }

@@ -4,10 +4,17 @@
 //!
 //! ```text
 //!            control ──gRPC──> grpc::EngineService ──> engine::Engine ──> pools::Pools ──> trireme_pool
-//!               ^                                          │
-//!   registration (register + heartbeat)                    ├── nexus::Nexus (one per volume) ──> children
+//!               ^  ^                                       │
+//!   registration   │                                       ├── nexus::Nexus (one per volume) ──> children:
+//!                  └── recorder_grpc (membership, DRL) <───┤     LocalChild | remote::RemoteChild (NBD)
 //!                                                          └── share::Shares ──> NBD server (trireme_nbd)
+//!                                                                 └── fence::Fence per replica (epochs)
 //! ```
+//!
+//! Replication: a nexus's children are replicas here or on other engines; each is claimed with
+//! the nexus's epoch through its replica's fence, so a superseded nexus is refused by every
+//! replica it still reaches (`fence.rs`). Membership changes and dirty regions are recorded
+//! with control before the nexus acknowledges writes that depend on them (`recorder_grpc.rs`).
 //!
 //! Startup order matters: both listeners are bound first, so that the endpoints advertised to
 //! control work the moment control calls back; pools are imported from the state directory;

@@ -19,14 +19,26 @@
 //!   served, so an engine restart can never lower it: a stale nexus that reconnects after the
 //!   restart is still refused. Raising the in-memory fence first is safe: refusing a stale
 //!   request early never loses anything.
+//! - Requests admitted under the old epoch and still running when a claim raises the fence are
+//!   waited for (bounded by [`DRAIN_TIMEOUT`]) before the new epoch is served, so a slow write
+//!   of a superseded nexus can never land after, and over, a write of the new one. Every
+//!   admitted request holds a shared guard of `gate` for its duration; the claim takes it
+//!   exclusively once.
 //! - Meta writes (epoch and generation) are serialised per replica, because the pool stores the
 //!   whole [`ReplicaMeta`] at once and two interleaved read-modify-writes would lose one field.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use trireme_pool::{Pool, ReplicaMeta};
 use trireme_types::ReplicaId;
+
+/// How long a claim waits for requests of older epochs to finish.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Held by a request while it runs under an admitted epoch.
+pub type Admitted<'a> = tokio::sync::RwLockReadGuard<'a, ()>;
 
 /// Why I/O or a claim under some epoch was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -37,6 +49,9 @@ pub enum FenceError {
     /// The claim could not be made durable; nothing of that epoch is served until it is.
     #[error("cannot persist the claim of replica {replica}: {reason}")]
     Persist { replica: ReplicaId, reason: String },
+    /// Requests of an older epoch did not finish in time; the claim may be retried.
+    #[error("requests of an older epoch on replica {replica} did not finish within {after:?}")]
+    Draining { replica: ReplicaId, after: Duration },
 }
 
 /// The highest epoch that claimed one replica, in memory and in the pool's replica meta.
@@ -50,6 +65,9 @@ pub struct Fence {
     /// Serialises the read-modify-write of the replica meta. Held across the (local, bounded)
     /// pool metadata write on purpose: that write is what the waiters wait for.
     meta_write: tokio::sync::Mutex<()>,
+    /// Shared by every admitted request while it runs; taken exclusively by a claim to wait
+    /// for the requests of older epochs.
+    gate: tokio::sync::RwLock<()>,
 }
 
 impl std::fmt::Debug for Fence {
@@ -71,6 +89,7 @@ impl Fence {
             claimed: AtomicU64::new(persisted_epoch),
             persisted: AtomicU64::new(persisted_epoch),
             meta_write: tokio::sync::Mutex::new(()),
+            gate: tokio::sync::RwLock::new(()),
         }
     }
 
@@ -90,42 +109,62 @@ impl Fence {
         self.persisted.fetch_max(epoch, Ordering::AcqRel);
     }
 
-    /// Whether I/O of `epoch` may be served: the fence is exactly `epoch` and durable. The
-    /// fast path (already claimed and persisted) is two atomic loads; otherwise this claims
-    /// `epoch` and waits until the claim is durable.
-    pub async fn admit(&self, epoch: u64) -> Result<(), FenceError> {
-        if self.claimed.load(Ordering::Acquire) == epoch
-            && self.persisted.load(Ordering::Acquire) >= epoch
-        {
-            return Ok(());
+    /// Admits one request of `epoch`: the fence is exactly `epoch` and durable. Hold the
+    /// returned guard until the request is done. The fast path (already claimed and persisted)
+    /// is an uncontended shared lock and two atomic loads; otherwise this claims `epoch` and
+    /// waits until the claim is durable.
+    pub async fn admit(&self, epoch: u64) -> Result<Admitted<'_>, FenceError> {
+        loop {
+            // The guard is taken before the fence is read: a claim raising the fence after
+            // this read waits for the guard, and one before it is seen here.
+            let guard = self.gate.read().await;
+            if self.claimed.load(Ordering::SeqCst) == epoch
+                && self.persisted.load(Ordering::SeqCst) >= epoch
+            {
+                return Ok(guard);
+            }
+            drop(guard);
+            // Either refused, or the claim is durable now: look again (a still higher claim
+            // may have come in meanwhile).
+            self.claim(epoch).await?;
         }
-        self.claim(epoch).await
     }
 
     /// Claims the replica for `epoch`: refused when a higher epoch already did; otherwise
-    /// returns once the fence is durably at least `epoch` and still exactly `epoch`.
-    /// Idempotent.
+    /// returns once requests of older epochs have finished and the fence is durably at least
+    /// `epoch` (and still exactly `epoch`). Idempotent.
     pub async fn claim(&self, epoch: u64) -> Result<(), FenceError> {
-        let previous = self.claimed.fetch_max(epoch, Ordering::AcqRel);
+        let previous = self.claimed.fetch_max(epoch, Ordering::SeqCst);
         if previous > epoch {
             return Err(self.stale(epoch));
         }
-        if self.persisted.load(Ordering::Acquire) < epoch {
+        if self.persisted.load(Ordering::SeqCst) < epoch {
             let _write = self.meta_write.lock().await;
             // Someone may have persisted it (or more) while we waited.
-            if self.persisted.load(Ordering::Acquire) < epoch {
+            if self.persisted.load(Ordering::SeqCst) < epoch {
+                // Requests admitted before the fence rose may still be running: nothing of
+                // this epoch runs before they are done.
+                match tokio::time::timeout(DRAIN_TIMEOUT, self.gate.write()).await {
+                    Ok(drained) => drop(drained),
+                    Err(_) => {
+                        return Err(FenceError::Draining {
+                            replica: self.replica,
+                            after: DRAIN_TIMEOUT,
+                        });
+                    }
+                }
                 self.persist(|meta| {
                     let changed = meta.epoch < epoch;
                     meta.epoch = meta.epoch.max(epoch);
                     changed
                 })
                 .await?;
-                self.persisted.fetch_max(epoch, Ordering::AcqRel);
+                self.persisted.fetch_max(epoch, Ordering::SeqCst);
                 tracing::info!(replica = %self.replica, epoch, "replica claimed");
             }
         }
         // A higher claim may have arrived while this one was being persisted.
-        if self.claimed.load(Ordering::Acquire) != epoch {
+        if self.claimed.load(Ordering::SeqCst) != epoch {
             return Err(self.stale(epoch));
         }
         Ok(())
@@ -186,10 +225,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (pool, id) = pool_with_replica(dir.path()).await;
         let fence = Fence::new(id, Arc::clone(&pool), 0);
-        fence.admit(0).await.unwrap();
+        drop(fence.admit(0).await.unwrap());
         fence.claim(3).await.unwrap();
         assert_eq!(pool.replica_info(id).unwrap().meta.epoch, 3, "claim not persisted");
-        fence.admit(3).await.unwrap();
+        drop(fence.admit(3).await.unwrap());
         // Epoch 2 is stale, and so is 3 once 5 claimed.
         assert!(matches!(fence.admit(2).await, Err(FenceError::Stale { fence: 3, .. })));
         fence.claim(5).await.unwrap();
@@ -210,7 +249,33 @@ mod tests {
         assert_eq!((meta.epoch, meta.generation), (5, 4));
         let fence = Fence::new(id, Arc::clone(&pool), meta.epoch);
         assert!(matches!(fence.admit(3).await, Err(FenceError::Stale { .. })));
-        fence.admit(5).await.unwrap();
+        drop(fence.admit(5).await.unwrap());
+        pool.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_claim_waits_for_requests_of_the_older_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pool, id) = pool_with_replica(dir.path()).await;
+        let fence = Arc::new(Fence::new(id, Arc::clone(&pool), 1));
+        let old_request = fence.admit(1).await.unwrap();
+        let f = Arc::clone(&fence);
+        let claim = tokio::spawn(async move { f.claim(2).await });
+        // The fence rises at once...
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while fence.epoch() != 2 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .unwrap();
+        // ...but the claim completes only once the request admitted before is done.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!claim.is_finished(), "the claim did not wait for an older request");
+        drop(old_request);
+        tokio::time::timeout(Duration::from_secs(10), claim).await.unwrap().unwrap().unwrap();
+        assert!(matches!(fence.admit(1).await, Err(FenceError::Stale { .. })));
+        drop(fence.admit(2).await.unwrap());
         pool.close().await.unwrap();
     }
 

@@ -24,7 +24,7 @@ use trireme_nbd::{Capabilities, Export, ExportError, ExportRegistry, Extent};
 use trireme_pool::{Pool, PoolError, Replica};
 use trireme_types::{ReplicaId, VolumeId};
 
-use crate::fence::{Fence, FenceError};
+use crate::fence::{Admitted, Fence, FenceError};
 
 const REPLICA_PREFIX: &str = "replica-";
 
@@ -161,7 +161,7 @@ fn fence_error(e: FenceError) -> ExportError {
             tracing::debug!(%replica, epoch, fence, "request of a stale epoch refused");
             ExportError::ReadOnly
         }
-        FenceError::Persist { .. } => ExportError::Io(e.to_string()),
+        FenceError::Persist { .. } | FenceError::Draining { .. } => ExportError::Io(e.to_string()),
     }
 }
 
@@ -189,9 +189,10 @@ struct EpochShare {
 }
 
 impl EpochShare {
-    async fn admit(&self) -> Result<&Replica, ExportError> {
-        self.shared.fence.admit(self.epoch).await.map_err(fence_error)?;
-        Ok(&self.shared.replica)
+    /// The replica, once the fence admits this share's epoch; keep the guard for the request.
+    async fn admit(&self) -> Result<(Admitted<'_>, &Replica), ExportError> {
+        let guard = self.shared.fence.admit(self.epoch).await.map_err(fence_error)?;
+        Ok((guard, &self.shared.replica))
     }
 }
 
@@ -201,16 +202,19 @@ impl Export for EpochShare {
         self.shared.replica.size()
     }
     async fn read(&self, offset: u64, len: u32) -> Result<IoBuf, ExportError> {
-        self.admit().await?.read(offset, len).await.map_err(export_error)
+        let (_admitted, r) = self.admit().await?;
+        r.read(offset, len).await.map_err(export_error)
     }
     async fn write(&self, offset: u64, data: IoBuf, fua: bool) -> Result<(), ExportError> {
-        self.admit().await?.write(offset, data, fua).await.map_err(export_error)
+        let (_admitted, r) = self.admit().await?;
+        r.write(offset, data, fua).await.map_err(export_error)
     }
     async fn flush(&self) -> Result<(), ExportError> {
-        self.admit().await?.flush().await.map_err(export_error)
+        let (_admitted, r) = self.admit().await?;
+        r.flush().await.map_err(export_error)
     }
     async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), ExportError> {
-        let r = self.admit().await?;
+        let (_admitted, r) = self.admit().await?;
         r.trim(offset, len).await.map_err(export_error)?;
         if fua {
             r.flush().await.map_err(export_error)?;
@@ -224,7 +228,7 @@ impl Export for EpochShare {
         may_trim: bool,
         fua: bool,
     ) -> Result<(), ExportError> {
-        let r = self.admit().await?;
+        let (_admitted, r) = self.admit().await?;
         r.write_zeroes(offset, len, may_trim).await.map_err(export_error)?;
         if fua {
             r.flush().await.map_err(export_error)?;
@@ -232,7 +236,8 @@ impl Export for EpochShare {
         Ok(())
     }
     async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, ExportError> {
-        block_status(self.admit().await?, offset, len).await
+        let (_admitted, r) = self.admit().await?;
+        block_status(r, offset, len).await
     }
 }
 

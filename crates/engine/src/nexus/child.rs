@@ -16,7 +16,7 @@ use trireme_iobuf::IoBuf;
 use trireme_pool::{PoolError, Replica};
 use trireme_types::{FaultReason, ReplicaId};
 
-use crate::fence::{Fence, FenceError};
+use crate::fence::{Admitted, Fence, FenceError};
 
 /// Where a child lives, parsed from its URI.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -102,7 +102,7 @@ impl From<FenceError> for ChildError {
     fn from(e: FenceError) -> Self {
         match e {
             FenceError::Stale { .. } => Self::Fenced(e.to_string()),
-            FenceError::Persist { .. } => Self::Io(e.to_string()),
+            FenceError::Persist { .. } | FenceError::Draining { .. } => Self::Io(e.to_string()),
         }
     }
 }
@@ -156,10 +156,10 @@ impl LocalChild {
         Self { uri: ChildUri::Local(replica.id()), replica, fence, epoch }
     }
 
-    /// The replica, once the fence admits this child's epoch.
-    async fn admitted(&self) -> Result<&Replica, ChildError> {
-        self.fence.admit(self.epoch).await?;
-        Ok(&self.replica)
+    /// The replica, once the fence admits this child's epoch; keep the guard for the request.
+    async fn admitted(&self) -> Result<(Admitted<'_>, &Replica), ChildError> {
+        let guard = self.fence.admit(self.epoch).await?;
+        Ok((guard, &self.replica))
     }
 }
 
@@ -175,22 +175,28 @@ impl Child for LocalChild {
         self.replica.size()
     }
     async fn read(&self, offset: u64, len: u32) -> Result<IoBuf, ChildError> {
-        Ok(self.admitted().await?.read(offset, len).await?)
+        let (_admitted, r) = self.admitted().await?;
+        Ok(r.read(offset, len).await?)
     }
     async fn write(&self, offset: u64, data: IoBuf, fua: bool) -> Result<(), ChildError> {
-        Ok(self.admitted().await?.write(offset, data, fua).await?)
+        let (_admitted, r) = self.admitted().await?;
+        Ok(r.write(offset, data, fua).await?)
     }
     async fn flush(&self) -> Result<(), ChildError> {
-        Ok(self.admitted().await?.flush().await?)
+        let (_admitted, r) = self.admitted().await?;
+        Ok(r.flush().await?)
     }
     async fn trim(&self, offset: u64, len: u64) -> Result<(), ChildError> {
-        Ok(self.admitted().await?.trim(offset, len).await?)
+        let (_admitted, r) = self.admitted().await?;
+        Ok(r.trim(offset, len).await?)
     }
     async fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool) -> Result<(), ChildError> {
-        Ok(self.admitted().await?.write_zeroes(offset, len, may_trim).await?)
+        let (_admitted, r) = self.admitted().await?;
+        Ok(r.write_zeroes(offset, len, may_trim).await?)
     }
     async fn allocation(&self, offset: u64, len: u64) -> Result<Vec<ChildExtent>, ChildError> {
-        let map = self.admitted().await?.allocation(offset, len).await?;
+        let (_admitted, r) = self.admitted().await?;
+        let map = r.allocation(offset, len).await?;
         Ok(map
             .into_iter()
             .map(|a| ChildExtent { offset: a.offset, length: a.length, allocated: a.allocated })

@@ -381,3 +381,24 @@ async fn a_nexus_that_stopped_serving_is_recreated_with_a_new_epoch() {
     wait_event(&c.api, "nexus_stopped").await;
     c.control.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_the_current_nexus_never_claimed_rejoins_with_a_full_rebuild() {
+    use rpc::{ChildJoin as J, ChildState as S};
+    let c = cluster(2, |a| a.child_retry_secs = 1).await;
+    let n1 = &c.nodes[0];
+    let (v, a, b) = published(&c).await;
+    // As if b's node was cut off when this nexus was created: only an older nexus claimed it,
+    // and that one may have written to it without telling anyone.
+    common::FakeState::unclaim(&b.to_string());
+    n1.state.lock().fault_child(&v.id.to_string(), &b.to_string());
+    record(&c, &v, 1, vec![child(a, S::Online, J::Online), child(b, S::Faulted, J::Partial)])
+        .await
+        .unwrap();
+    let add = eventually("AddChild for b", 30, || async {
+        n1.state.lock().add_child_requests.first().cloned()
+    })
+    .await;
+    assert_eq!(add.child.unwrap().join, J::Full as i32, "not partial: the log cannot cover it");
+    c.control.stop().await;
+}

@@ -69,13 +69,12 @@ pub(super) fn plan(st: &State, v: &VolumeRecord, now: u64, replace_after_ms: u64
             };
             if joinable {
                 let needs = v
-                    .child_needs(&r.id)
+                    .join_needs(&r.id, present.map(|p| p.epoch))
                     .or_else(|| {
                         child
                             .and_then(|c| crate::registry::membership::rebuild_kind(c.rebuild_kind))
                     })
-                    // Never in the nexus: nothing it wrote is known to be there.
-                    .or(if child.is_none() { Some(RebuildKind::Full) } else { None })
+                    // Never in the nexus, or no word on what it missed: copy everything.
                     .unwrap_or(RebuildKind::Full);
                 actions.push(Action::Join(r.clone(), Some(needs)));
             }
@@ -329,7 +328,13 @@ mod tests {
             if let Some(o) = st.observed.get_mut(&r.node) {
                 o.replicas.insert(
                     r.id,
-                    rpc::Replica { uuid: r.id.to_string(), generation: 2, ..Default::default() },
+                    // Claimed by the current nexus (epoch 3).
+                    rpc::Replica {
+                        uuid: r.id.to_string(),
+                        generation: 2,
+                        epoch: 3,
+                        ..Default::default()
+                    },
                 );
             }
         }
@@ -360,6 +365,13 @@ mod tests {
         let (st, v) = setup(true);
         let got = plan(&st, &v, 2000, 300_000);
         assert_eq!(got, [Action::Join(v.replicas[1].clone(), Some(RebuildKind::Partial))]);
+        // Never claimed by the current nexus (an older one may have written to it unseen):
+        // full.
+        let (mut st, v) = setup(true);
+        let b = &v.replicas[1];
+        st.observed.get_mut(&b.node).unwrap().replicas.get_mut(&b.id).unwrap().epoch = 2;
+        let got = plan(&st, &v, 2000, 300_000);
+        assert_eq!(got, [Action::Join(b.clone(), Some(RebuildKind::Full))]);
         // Its node still away: nothing to join, and too early to replace.
         let (st, v) = setup(false);
         assert!(plan(&st, &v, 2000, 300_000).is_empty());

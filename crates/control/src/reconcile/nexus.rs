@@ -176,7 +176,8 @@ pub(super) enum Created {
 }
 
 /// The children of a new nexus on `node`: every replica, joining as the store says (online,
-/// or partial/full for one that missed writes). `Err(message)` when none recorded online has
+/// or partial/full for one that missed writes; full for one the latest nexus never claimed,
+/// see [`VolumeRecord::join_needs`]). `v` is the record before the epoch bump. `Err(message)` when none recorded online has
 /// its node online: creating over stale replicas only would serve old data.
 pub(crate) fn nexus_children(
     st: &State,
@@ -204,10 +205,16 @@ pub(crate) fn nexus_children(
         .iter()
         .filter_map(|r| {
             let uri = st.child_uri(node, r)?;
+            let claimed = st
+                .observed
+                .get(&r.node)
+                .filter(|_| st.node_online(&r.node))
+                .and_then(|o| o.replicas.get(&r.id))
+                .map(|rep| rep.epoch);
             Some(rpc::ChildSpec {
                 uri,
                 replica_uuid: r.id.to_string(),
-                join: join_of(v.child_needs(&r.id)) as i32,
+                join: join_of(v.join_needs(&r.id, claimed)) as i32,
             })
         })
         .collect())

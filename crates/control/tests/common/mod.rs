@@ -33,6 +33,11 @@ pub struct FakeState {
 }
 
 impl FakeState {
+    /// Forgets a replica's claim, as if no nexus of the current epoch ever reached it.
+    pub fn unclaim(replica: &str) {
+        CLAIMS.lock().remove(replica);
+    }
+
     /// Sets a child of a volume's nexus to `faulted` (what a real nexus does when a replica
     /// stops answering). Panics if there is no such nexus or child.
     pub fn fault_child(&mut self, volume: &str, replica: &str) {
@@ -52,6 +57,17 @@ fn child_replica(uri: &str) -> Option<(&str, bool)> {
     let rest = uri.strip_prefix("nbd://")?;
     let (_, export) = rest.split_once('/')?;
     Some((export.strip_prefix("replica-")?, false))
+}
+
+/// The epoch each replica was last claimed with, shared by every fake engine of the process
+/// (a nexus claims remote replicas too). Replica ids are random, so tests do not collide.
+static CLAIMS: Mutex<std::collections::BTreeMap<String, u64>> =
+    Mutex::new(std::collections::BTreeMap::new());
+
+fn claim(replica: &str, epoch: u64) {
+    let mut claims = CLAIMS.lock();
+    let e = claims.entry(replica.to_owned()).or_default();
+    *e = (*e).max(epoch);
 }
 
 fn fake_child(spec: &rpc::ChildSpec) -> rpc::Child {
@@ -191,9 +207,13 @@ impl rpc::engine_server::Engine for FakeEngine {
         &self,
         _: Request<rpc::ListReplicasRequest>,
     ) -> Result<Response<rpc::ListReplicasReply>, Status> {
-        Ok(Response::new(rpc::ListReplicasReply {
-            replicas: self.state.lock().replicas.values().cloned().collect(),
-        }))
+        let claims = CLAIMS.lock();
+        let mut replicas: Vec<rpc::Replica> =
+            self.state.lock().replicas.values().cloned().collect();
+        for r in &mut replicas {
+            r.epoch = r.epoch.max(claims.get(&r.uuid).copied().unwrap_or(0));
+        }
+        Ok(Response::new(rpc::ListReplicasReply { replicas }))
     }
     async fn create_nexus(
         &self,
@@ -226,6 +246,9 @@ impl rpc::engine_server::Engine for FakeEngine {
             generation: r.generation,
             ..Default::default()
         };
+        for c in &r.children {
+            claim(&c.replica_uuid, r.epoch);
+        }
         st.nexuses.insert(r.volume_uuid, nexus.clone());
         Ok(Response::new(nexus))
     }
@@ -273,6 +296,7 @@ impl rpc::engine_server::Engine for FakeEngine {
                 r.epoch, n.epoch
             )));
         }
+        claim(&spec.replica_uuid, r.epoch);
         match n.children.iter_mut().find(|c| c.replica_uuid == spec.replica_uuid) {
             // Idempotent: online or rebuilding children are left as they are.
             Some(c) if c.state != rpc::ChildState::Faulted as i32 => {}

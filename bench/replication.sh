@@ -81,8 +81,18 @@ print([n["pid"] for n in d["nodes"] if n.get("name") == sys.argv[2] or n.get("no
     "$dir/up/up.json" "$1"
 }
 vol_json() { cli volume get "$1" -o json; }
-# "<node of the nexus>" and the replica nodes of a volume.
 py_field() { python3 -c "import json,sys; v=json.load(sys.stdin); print($1)"; }
+# "<copied bytes> <ms>" of the first child with a finished rebuild of kind $1 (full|partial|any).
+last_rebuild() {
+  python3 -c '
+import json, sys
+v = json.load(sys.stdin)
+for c in (v["status"].get("target") or {}).get("children", []):
+    r = c.get("last_rebuild")
+    if r and sys.argv[1] in ("any", r["kind"]):
+        print(r["copied"], r["duration_ms"])
+        break' "$1"
+}
 
 cli volume create r3 --size "$size" --replicas 3 >/dev/null
 cli volume create r1 --size "$size" --replicas 1 >/dev/null
@@ -129,8 +139,7 @@ t0=$(date +%s.%N)
 cli volume set-replicas rb 3 >/dev/null
 full=""
 for _ in $(seq 3600); do
-  full=$(vol_json rb | py_field '
-next((f"{c[\"last_rebuild\"][\"copied\"]} {c[\"last_rebuild\"][\"duration_ms\"]}" for c in (v["status"].get("target") or {}).get("children", []) if c.get("last_rebuild") and c["last_rebuild"]["kind"] == "full"), "")')
+  full=$(vol_json rb | last_rebuild full)
   [ -n "$full" ] && break
   sleep 1
 done
@@ -150,8 +159,7 @@ sleep 10
 kill -CONT "$vpid"; stopped=""
 partial=""
 for _ in $(seq 600); do
-  partial=$(vol_json r3 | py_field '
-next((f"{c[\"last_rebuild\"][\"copied\"]} {c[\"last_rebuild\"][\"duration_ms\"]}" for c in (v["status"].get("target") or {}).get("children", []) if c.get("last_rebuild")), "")')
+  partial=$(vol_json r3 | last_rebuild any)
   [ -n "$partial" ] && break
   sleep 1
 done

@@ -402,3 +402,36 @@ async fn a_replica_the_current_nexus_never_claimed_rejoins_with_a_full_rebuild()
     assert_eq!(add.child.unwrap().join, J::Full as i32, "not partial: the log cannot cover it");
     c.control.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_nexus_creations_do_not_turn_a_partial_rebuild_into_a_full_one() {
+    use rpc::{ChildJoin as J, ChildState as S};
+    let c = cluster(2, |_| {}).await;
+    let n1 = &c.nodes[0];
+    let (v, a, b) = published(&c).await;
+    record(&c, &v, 1, vec![child(a, S::Online, J::Online), child(b, S::Faulted, J::Partial)])
+        .await
+        .unwrap();
+    // The nexus is lost and the engine refuses to recreate it twice (each attempt takes a new
+    // epoch, but no nexus of those epochs ever ran).
+    {
+        let mut st = n1.state.lock();
+        st.fail_create_nexus = true;
+        st.nexuses.clear();
+    }
+    eventually("two refused creations", 30, || async {
+        (n1.state.lock().create_nexus_requests.len() >= 3).then_some(())
+    })
+    .await;
+    n1.state.lock().fail_create_nexus = false;
+    let created = eventually("nexus created", 30, || async {
+        let st = n1.state.lock();
+        st.nexuses.contains_key(&v.id.to_string()).then(|| st.create_nexus_requests.last().cloned())
+    })
+    .await
+    .unwrap();
+    assert!(created.epoch >= 4, "every attempt took a new epoch: {}", created.epoch);
+    let join = created.children.iter().find(|c| c.replica_uuid == b.to_string()).unwrap().join;
+    assert_eq!(join, J::Partial as i32, "b was claimed by the last nexus that ran");
+    c.control.stop().await;
+}

@@ -69,7 +69,7 @@ pub(super) fn plan(st: &State, v: &VolumeRecord, now: u64, replace_after_ms: u64
             };
             if joinable {
                 let needs = v
-                    .join_needs(&r.id, present.map(|p| p.epoch))
+                    .join_needs(&r.id, present.map(|p| p.epoch), st.live_epoch(v))
                     .or_else(|| {
                         child
                             .and_then(|c| crate::registry::membership::rebuild_kind(c.rebuild_kind))

@@ -286,6 +286,7 @@ impl Registry {
             .volume_record(&vid)
             .ok_or_else(|| MembershipError::UnknownVolume(req.volume_uuid.clone()))?;
         check_epoch(&record, req.epoch)?;
+        self.state.write().live_epochs.insert(vid, req.epoch);
         let before: BTreeSet<ReplicaId> = record.online_replicas();
         let changes = apply_report(&mut record, &reports, now);
         let after = record.online_replicas();

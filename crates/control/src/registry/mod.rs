@@ -86,6 +86,11 @@ pub struct State {
     /// Why a published volume has no nexus although its node is up (e.g. the replicas it
     /// waits for), set by the reconciler; the volume shows `faulted` with this message.
     pub volume_messages: HashMap<VolumeId, String>,
+    /// Per volume, the epoch of the newest nexus whose membership record was accepted: the
+    /// newest nexus that actually ran (creation attempts that failed bump the stored epoch
+    /// too, but never served). Not persisted; unknown after a restart, when the stored epoch
+    /// stands in (see [`State::live_epoch`]).
+    pub live_epochs: HashMap<VolumeId, u64>,
 }
 
 impl State {
@@ -99,6 +104,12 @@ impl State {
     pub fn touched(&mut self, node: &NodeId) -> Option<&mut Observation> {
         *self.epochs.entry(node.clone()).or_default() += 1;
         self.observed.get_mut(node)
+    }
+
+    /// The epoch of the newest nexus of `v` that ran, as far as this control knows; the
+    /// stored epoch (never lower) when it does not.
+    pub fn live_epoch(&self, v: &VolumeRecord) -> u64 {
+        self.live_epochs.get(&v.id).copied().unwrap_or(v.epoch)
     }
 
     pub fn epoch(&self, node: &NodeId) -> u64 {
@@ -282,6 +293,7 @@ impl Registry {
         let mut st = self.state.write();
         st.volumes.remove(&record.id);
         st.volume_messages.remove(&record.id);
+        st.live_epochs.remove(&record.id);
         st.tombstones.insert(record.id);
         drop(st);
         self.forget_volume_lock(&record.id);

@@ -244,15 +244,21 @@ impl VolumeRecord {
 
     /// What a replica that is not current needs to (re)join a nexus of this volume: what its
     /// entry says — except that a replica whose last claim (`claimed`, the epoch its engine
-    /// reports) is older than the volume's latest nexus needs a full rebuild. No nexus of the
-    /// latest epoch ever fenced it, so an older nexus (frozen or cut off while the volume was
-    /// republished) may have written to it after its writes stopped reaching the other
-    /// replicas and the dirty-region log; only a full copy (which also zeroes what the source
-    /// does not hold) undoes that. `None` for a current replica.
-    pub fn join_needs(&self, id: &ReplicaId, claimed: Option<u64>) -> Option<RebuildKind> {
+    /// reports) is older than `live_epoch` (the newest nexus that ran, see
+    /// `State::live_epoch`) needs a full rebuild. That nexus never fenced it, so an older one
+    /// (frozen or cut off while the volume was republished) may have written to it after its
+    /// writes stopped reaching the other replicas and the dirty-region log; only a full copy
+    /// (which also zeroes what the source does not hold) undoes that. `None` for a current
+    /// replica.
+    pub fn join_needs(
+        &self,
+        id: &ReplicaId,
+        claimed: Option<u64>,
+        live_epoch: u64,
+    ) -> Option<RebuildKind> {
         let needs = self.child_needs(id)?;
         match claimed {
-            Some(epoch) if epoch < self.epoch => Some(RebuildKind::Full),
+            Some(epoch) if epoch < live_epoch => Some(RebuildKind::Full),
             _ => Some(needs),
         }
     }
@@ -485,11 +491,13 @@ mod tests {
         assert_eq!(v.child_health(&faulted), ChildHealth::Faulted);
         assert_eq!(v.child_needs(&faulted), Some(RebuildKind::Partial));
         assert_eq!(v.child_needs(&online), None);
-        // Claimed by the latest nexus (epoch 7): what it recorded; by an older one: full.
-        assert_eq!(v.join_needs(&faulted, Some(7)), Some(RebuildKind::Partial));
-        assert_eq!(v.join_needs(&faulted, None), Some(RebuildKind::Partial));
-        assert_eq!(v.join_needs(&faulted, Some(6)), Some(RebuildKind::Full));
-        assert_eq!(v.join_needs(&online, Some(1)), None);
+        // Claimed by the newest nexus that ran (epoch 7): what it recorded; only by an older
+        // one: full.
+        assert_eq!(v.join_needs(&faulted, Some(7), 7), Some(RebuildKind::Partial));
+        assert_eq!(v.join_needs(&faulted, None, 7), Some(RebuildKind::Partial));
+        assert_eq!(v.join_needs(&faulted, Some(6), 7), Some(RebuildKind::Full));
+        assert_eq!(v.join_needs(&faulted, Some(6), 6), Some(RebuildKind::Partial));
+        assert_eq!(v.join_needs(&online, Some(1), 7), None);
         assert_eq!(v.online_replicas().into_iter().collect::<Vec<_>>(), [online]);
         let c = &v.children[&faulted];
         assert_eq!(c.reason, Some(FaultReason::Timeout));

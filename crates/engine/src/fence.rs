@@ -93,6 +93,19 @@ impl Fence {
         }
     }
 
+    /// A fence for the same replica in a pool imported again (the old pool instance stopped):
+    /// it keeps the highest epoch either knows, so re-importing never lowers the fence.
+    pub fn reimported(&self, pool: Arc<Pool>, persisted_epoch: u64) -> Self {
+        let fence = Self::new(self.replica, pool, persisted_epoch);
+        fence.claimed.fetch_max(self.epoch(), Ordering::SeqCst);
+        fence
+    }
+
+    /// Whether this fence persists into `pool` (that very instance).
+    pub fn is_in(&self, pool: &Arc<Pool>) -> bool {
+        Arc::ptr_eq(&self.pool, pool)
+    }
+
     pub fn replica(&self) -> ReplicaId {
         self.replica
     }
@@ -277,6 +290,24 @@ mod tests {
         assert!(matches!(fence.admit(1).await, Err(FenceError::Stale { .. })));
         drop(fence.admit(2).await.unwrap());
         pool.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_reimported_pool_gets_the_fence_and_persists_into_the_new_instance() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pool, id) = pool_with_replica(dir.path()).await;
+        let fence = Fence::new(id, Arc::clone(&pool), 0);
+        fence.claim(4).await.unwrap();
+        pool.close().await.unwrap();
+        let again = Pool::import(&dir.path().join("disk.img")).await.unwrap();
+        let moved =
+            fence.reimported(Arc::clone(&again), again.replica_info(id).unwrap().meta.epoch);
+        assert!(moved.is_in(&again) && !moved.is_in(&pool));
+        assert_eq!(moved.epoch(), 4);
+        assert!(matches!(moved.admit(3).await, Err(FenceError::Stale { .. })));
+        moved.claim(6).await.unwrap();
+        assert_eq!(again.replica_info(id).unwrap().meta.epoch, 6);
+        again.close().await.unwrap();
     }
 
     #[tokio::test]

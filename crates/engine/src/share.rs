@@ -87,10 +87,12 @@ impl Shares {
         let persisted = pool.replica_info(id).map(|i| i.meta.epoch).unwrap_or(0);
         let mut replicas = self.replicas.write();
         let fence = match replicas.get(&id) {
-            Some(existing) => {
+            Some(existing) if existing.fence.is_in(pool) => {
                 existing.fence.observe_persisted(persisted);
                 Arc::clone(&existing.fence)
             }
+            // The pool was imported again after it stopped: persist into the new instance.
+            Some(existing) => Arc::new(existing.fence.reimported(Arc::clone(pool), persisted)),
             None => Arc::new(Fence::new(id, Arc::clone(pool), persisted)),
         };
         replicas.insert(id, SharedReplica { replica, fence });

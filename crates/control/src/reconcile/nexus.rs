@@ -242,6 +242,9 @@ async fn create_nexus(
             Err(message) => return Ok(Created::Waiting(message)),
         }
     };
+    // A current replica is reachable again: what the volume waited for is no longer the
+    // reason (the engine's answer, if it refuses, is).
+    reg.state.write().volume_messages.remove(&id);
     let dirty = reg.dirty_log(&id).await?;
     let (record, epoch) = reg
         .update_volume(id, |r| {

@@ -199,8 +199,9 @@ pub struct Nexus {
 }
 
 impl Nexus {
-    /// A nexus of `size` bytes over `children`, all online, recorded nowhere. Kept for
-    /// callers that predate replication; [`Nexus::create`] is the real constructor.
+    /// A nexus of `size` bytes over `children`, all online, never started (recorded nowhere,
+    /// nothing waits): the plain I/O tests use it. [`Nexus::create`] is the real constructor.
+    #[cfg(test)]
     pub fn new(
         volume: VolumeId,
         size: u64,

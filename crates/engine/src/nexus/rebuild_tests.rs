@@ -170,6 +170,8 @@ async fn racing_writes_never_leave_the_target_different_from_the_source() {
                             }
                         }
                         ops += 1;
+                        // In-memory children never yield; real ones do.
+                        tokio::task::yield_now().await;
                     }
                     ops
                 })

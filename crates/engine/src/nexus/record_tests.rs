@@ -91,24 +91,36 @@ fn creation_needs_an_open_current_child() {
     assert_eq!(err.err(), Some(NexusError::InvalidDirtyLog));
 }
 
-#[tokio::test]
-async fn a_write_that_faults_a_child_is_not_acknowledged_before_the_record() {
-    let recorder = Arc::new(TestRecorder::default());
-    let m = mems(2);
-    let n = nexus(&m, &recorder).await;
-    m[1].fail.store(true, Ordering::SeqCst);
+/// Runs `op` with the recorder held; asserts it is not acknowledged until released.
+async fn held_until_released<F>(recorder: &Arc<TestRecorder>, op: F)
+where
+    F: Future<Output = Result<(), trireme_nbd::ExportError>> + Send + 'static,
+{
     recorder.hold();
     let calls = recorder.calls.load(Ordering::SeqCst);
-    let write = tokio::spawn({
-        let n = Arc::clone(&n);
-        async move { n.write(0, pattern(4096, 1), false).await }
-    });
+    let op = tokio::spawn(op);
     eventually("a recorder call", || recorder.calls.load(Ordering::SeqCst) > calls).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(!write.is_finished(), "acknowledged before the fault was recorded");
+    assert!(!op.is_finished(), "acknowledged before the recorder returned");
     recorder.release();
-    write.await.unwrap().unwrap();
-    // By the time of the acknowledgement, the store knows the child is out.
+    op.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_flush_or_write_that_faults_a_child_is_not_acknowledged_before_the_record() {
+    let recorder = Arc::new(TestRecorder::default());
+    let m = mems(3);
+    let n = nexus(&m, &recorder).await;
+    // A flush has no regions to mark: only the membership record holds it.
+    m[2].fail.store(true, Ordering::SeqCst);
+    let n2 = Arc::clone(&n);
+    held_until_released(&recorder, async move { n2.flush().await }).await;
+    let record = recorder.last_record().unwrap();
+    assert!(matches!(record.children[2].state, ChildState::Faulted { .. }));
+    // A write: by the time of the acknowledgement the store knows the child is out.
+    m[1].fail.store(true, Ordering::SeqCst);
+    let n2 = Arc::clone(&n);
+    held_until_released(&recorder, async move { n2.write(0, pattern(4096, 1), false).await }).await;
     let record = recorder.last_record().unwrap();
     assert!(matches!(record.children[1].state, ChildState::Faulted { .. }));
     // A write with nothing new to record does not wait for the recorder.

@@ -49,7 +49,7 @@ pub(crate) struct MemChild {
     pub fail_with: Mutex<Option<ChildError>>,
     pub writes: AtomicU64,
     pub reads: AtomicU64,
-    /// Slows every read by this many microseconds (to stretch a rebuild).
+    /// Delays every read's answer by this many microseconds (to stretch a rebuild).
     pub read_delay_us: AtomicU64,
     pub journal: Mutex<Option<Arc<Journal>>>,
 }
@@ -138,13 +138,17 @@ impl Child for MemChild {
         self.data.lock().len() as u64
     }
     async fn read(&self, offset: u64, len: u32) -> Result<IoBuf, ChildError> {
+        self.check()?;
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        let data =
+            IoBuf::copy_from(&self.data.lock()[offset as usize..offset as usize + len as usize]);
+        // The delay comes after the data is taken, like a real read in flight: a write that
+        // lands meanwhile is not in what this read returns.
         let delay = self.read_delay_us.load(Ordering::SeqCst);
         if delay > 0 {
             tokio::time::sleep(Duration::from_micros(delay)).await;
         }
-        self.check()?;
-        self.reads.fetch_add(1, Ordering::SeqCst);
-        Ok(IoBuf::copy_from(&self.data.lock()[offset as usize..offset as usize + len as usize]))
+        Ok(data)
     }
     async fn write(&self, offset: u64, data: IoBuf, _fua: bool) -> Result<(), ChildError> {
         self.check()?;

@@ -8,8 +8,8 @@
 //!                         merge into volume.children, generation += 1 if the online set
 //!                         changed, drop dirty/<uuid> on clear_dirty — ONE store commit
 //!                                                   ▼
-//!                                  events: child_faulted, rebuild_started, rebuild_finished,
-//!                                          child_online
+//!                                  events: child_faulted, rebuild_started, rebuild_finished
+//!                                          (= back online)
 //! ```
 //!
 //! The nexus's report is its word on the children it holds; replicas of the volume it does
@@ -120,10 +120,21 @@ fn kind_str(k: RebuildKind) -> &'static str {
 /// A change of one child's recorded state, each one an event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChildChange {
-    Faulted { replica: ReplicaId, reason: FaultReason, needs: RebuildKind },
-    RebuildStarted { replica: ReplicaId, kind: RebuildKind },
-    RebuildFinished { replica: ReplicaId, info: RebuildInfo },
-    Online { replica: ReplicaId },
+    Faulted {
+        replica: ReplicaId,
+        reason: FaultReason,
+        needs: RebuildKind,
+    },
+    RebuildStarted {
+        replica: ReplicaId,
+        kind: RebuildKind,
+    },
+    /// Also the child's return to `online`: the nexus turns a child online only through a
+    /// finished rebuild.
+    RebuildFinished {
+        replica: ReplicaId,
+        info: RebuildInfo,
+    },
 }
 
 impl ChildChange {
@@ -165,10 +176,6 @@ impl ChildChange {
                     info.copied,
                     info.duration_ms
                 ),
-            ),
-            Self::Online { replica } => (
-                "child_online",
-                format!("replica {replica}{} of volume {} is online", at(replica), v.name),
             ),
         }
     }

@@ -219,6 +219,12 @@ impl Child for RemoteChild {
         // walk shares one time limit.
         let walk = async {
             let end = offset.saturating_add(len).min(self.client.size());
+            if !self.client.capabilities().block_status {
+                // A server without `base:allocation`: "allocated" is always a safe answer
+                // (the caller then copies the data instead of skipping it).
+                let length = end.saturating_sub(offset);
+                return Ok(vec![ChildExtent { offset, length, allocated: true }]);
+            }
             let mut runs: Vec<ChildExtent> = Vec::new();
             let mut pos = offset;
             while pos < end {
@@ -440,6 +446,9 @@ mod tests {
         fn size(&self) -> u64 {
             self.inner.size()
         }
+        fn capabilities(&self) -> trireme_nbd::Capabilities {
+            self.inner.capabilities()
+        }
         async fn read(&self, offset: u64, len: u32) -> Result<IoBuf, ExportError> {
             self.inner.read(offset, len).await
         }
@@ -503,6 +512,22 @@ mod tests {
         let result = child.write(0, pattern(4096, 3), false).await;
         assert_eq!(result, Err(ChildError::Disconnected));
         assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_without_block_status_reports_everything_allocated() {
+        let caps =
+            trireme_nbd::Capabilities { block_status: false, ..trireme_nbd::Capabilities::ALL };
+        let export = Arc::new(Stalling {
+            inner: trireme_nbd::testing::MemExport::with_capabilities(4 * MIB, caps),
+            stall: AtomicBool::new(false),
+        });
+        let server = Server::start(Arc::new(StallRegistry(export))).await;
+        let child =
+            RemoteChild::open(&server.uri(ReplicaId::new_random()), 1, fast()).await.unwrap();
+        let runs = child.allocation(MIB, 8 * MIB).await.unwrap();
+        assert_eq!(runs, vec![ChildExtent { offset: MIB, length: 3 * MIB, allocated: true }]);
+        server.kill().await;
     }
 
     #[tokio::test]

@@ -17,7 +17,9 @@
 //! failed still needs a full one. Only a rebuild that copied every region turns it online.
 //!
 //! Every nexus of an engine shares one [`RebuildLimits`]: a semaphore bounding how many
-//! rebuilds copy at once, and a token bucket bounding their combined bandwidth.
+//! rebuilds copy at once, and a token bucket bounding their combined bandwidth. A region is
+//! copied at full speed and paid for after its lock is released, so the limit spaces regions
+//! out without ever holding a client write up.
 
 use std::ops::Range;
 use std::sync::{Arc, Weak};
@@ -155,9 +157,15 @@ pub(super) async fn run(nexus: Weak<Nexus>, job: Job, cancel: CancellationToken)
                 copy_region(&n, &job, span.clone()).await
             } => r,
         };
-        match result {
-            Ok(c) => copied += c,
+        let region_copied = match result {
+            Ok(c) => c,
             Err(e) => return n.rebuild_failed(&job, e),
+        };
+        copied += region_copied;
+        // Paid after the region is unlocked, so a slow limit never holds client writes up.
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = n.limits.throttle(region_copied) => {}
         }
         done += len(&span);
         n.children.lock().set_progress(job.replica, job.id, done.min(total), total);
@@ -221,7 +229,6 @@ async fn copy_from(
         let mut pos = range.start;
         while pos < range.end {
             let chunk = (range.end - pos).min(COPY_CHUNK);
-            n.limits.throttle(chunk).await;
             // `chunk` ≤ 1 MiB, so it fits a u32.
             let buf = source.read(pos, chunk as u32).await.map_err(Side::Source)?;
             target.write(pos, buf, false).await.map_err(Side::Target)?;

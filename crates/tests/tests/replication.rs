@@ -519,3 +519,106 @@ async fn a_frozen_old_nexus_thawed_after_republish_leaves_no_trace() {
     }
     compare_replicas(&h, VOL).await;
 }
+
+/// A replica whose host does not come back within `--replica-replace-secs` is replaced on
+/// another host (the replica count is kept) and the new one is rebuilt fully, under fio. The
+/// volume is thin and only fio's window was ever written, so the full rebuild, which skips
+/// unallocated regions, copies about that window and not the whole volume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_stays_away_is_replaced_and_rebuilt_fully() {
+    let h = Hosts::start(HostsConfig::new(4).control_flag("--replica-replace-secs", "5")).await;
+    let v = h.create_volume_with(VOL, SIZE, 3, true).await;
+    let holders: Vec<usize> =
+        v.status.replicas.iter().map(|r| h.host_of(r.node.as_str())).collect();
+    let nexus = holders[0];
+    let gone = holders[1];
+    let spare = (0..4).find(|i| !holders.contains(i)).unwrap();
+    let uri = h.publish(VOL, nexus).await;
+    let fio = FioLoop::start(&uri, FIO_OFF, FIO_LEN);
+    fio.wait_runs(1, T).await;
+
+    h.cut_link(gone);
+    let v = h
+        .wait_volume(VOL, &format!("a new replica on {} online", h.node(spare)), T, |v| {
+            let t = v.status.target.as_ref().ok_or("no target")?;
+            let new = v
+                .status
+                .replicas
+                .iter()
+                .find(|r| r.node.as_str() == h.node(spare))
+                .ok_or("no replica on the spare host yet")?;
+            let c = child(v, &new.id).ok_or("the new replica is not a child yet")?;
+            let online = t.children.iter().filter(|c| c.state == ChildState::Online).count();
+            match (&c.state, c.last_rebuild, online) {
+                (ChildState::Online, Some(info), 3) => Ok((v.clone(), info)),
+                (s, info, n) => Err(format!("new child {s:?}, last rebuild {info:?}, {n} online")),
+            }
+        })
+        .await;
+    let (v, info) = v;
+    fio.wait_runs(1, T).await;
+    let runs = fio.stop_ok("replacement of a lost replica").await;
+    assert_eq!(info.kind, RebuildKind::Full, "{info:?}");
+    assert!(
+        info.copied.bytes() > 0 && info.copied.bytes() <= PARTIAL_MAX,
+        "a full rebuild of a thin volume with {} MiB written copied {} MiB: it should skip \
+         unallocated regions ({info:?})",
+        FIO_LEN / MIB,
+        info.copied.bytes() / MIB
+    );
+    assert!(
+        !v.status.replicas.iter().any(|r| r.node.as_str() == h.node(gone)),
+        "the lost replica is still listed: {}",
+        describe_volume(&v)
+    );
+    assert_eq!(v.status.replicas.len(), 3, "{}", describe_volume(&v));
+    eprintln!("replacement: {info:?} after {runs} fio runs");
+    compare_replicas(&h, VOL).await;
+    h.heal_link(gone);
+}
+
+/// A full rebuild interrupted by a restart of the nexus's engine never ends early: after the
+/// restart the new replica still needs (and gets) a full rebuild, and all replicas end equal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_rebuild_interrupted_by_a_nexus_restart_is_not_declared_done() {
+    // A slow rebuild (16 MiB/s: about 16 s for the 256 MiB volume) leaves time to interrupt it.
+    let cfg = HostsConfig::new(3).engine_flag("--rebuild-bandwidth-mib", "16");
+    let mut h = Hosts::start(cfg).await;
+    h.create_volume(VOL, SIZE, 2).await;
+    let uri = h.publish(VOL, 0).await;
+    // Data everywhere, so a full rebuild has everything to copy.
+    let fill = [
+        "--name=fill".to_owned(),
+        "--ioengine=nbd".into(),
+        format!("--uri={uri}"),
+        "--rw=write".into(),
+        "--bs=1M".into(),
+        "--iodepth=8".into(),
+        format!("--size={}", SIZE.bytes()),
+    ];
+    trireme_tests::tools::run_ok("fio", &fill, Duration::from_secs(300)).await;
+
+    h.cli_ok(&["volume", "set-replicas", VOL, "3"]).await;
+    let new = h
+        .wait_volume(VOL, "the new replica rebuilding, partly copied", T, |v| {
+            let t = v.status.target.as_ref().ok_or("no target")?;
+            t.children
+                .iter()
+                .find_map(|c| match c.state {
+                    ChildState::Rebuilding { done_bytes, total_bytes }
+                        if done_bytes > 0 && done_bytes < total_bytes =>
+                    {
+                        Some(c.replica)
+                    }
+                    _ => None,
+                })
+                .ok_or_else(|| "no child part-way through a rebuild".to_owned())
+        })
+        .await;
+    h.kill9(0);
+    h.restart(0).await;
+    let info = wait_rebuilt(&h, &new).await;
+    assert_eq!(info.kind, RebuildKind::Full, "an interrupted full rebuild became {info:?}");
+    eprintln!("rebuild after the interruption: {info:?}");
+    compare_replicas(&h, VOL).await;
+}

@@ -525,12 +525,23 @@ impl Hosts {
 
     /// Creates a thick volume with `replicas` replicas.
     pub async fn create_volume(&self, name: &str, size: ByteSize, replicas: u8) -> Volume {
+        self.create_volume_with(name, size, replicas, false).await
+    }
+
+    /// Creates a thin or thick volume with `replicas` replicas.
+    pub async fn create_volume_with(
+        &self,
+        name: &str,
+        size: ByteSize,
+        replicas: u8,
+        thin: bool,
+    ) -> Volume {
         let body = CreateVolumeBody {
             name: Name::new(name).expect("valid name"),
             id: None,
             size,
             replicas,
-            thin: false,
+            thin,
         };
         self.client()
             .create_volume(&body)

@@ -423,6 +423,14 @@ async fn failed_nexus_creations_do_not_turn_a_partial_rebuild_into_a_full_one() 
         (n1.state.lock().create_nexus_requests.len() >= 3).then_some(())
     })
     .await;
+    // Control restarts meanwhile: which nexus last ran is kept in the store.
+    let (api_addr, grpc_addr, dir) = (c.control.api, c.control.grpc, c.control.dir.clone());
+    let Cluster { _dir, control, nodes, .. } = c;
+    control.stop().await;
+    let control = TestControl::start_with(&dir, api_addr, grpc_addr, |_| {}).await;
+    let api = control.admin();
+    nodes_online(&api, 2).await;
+    let n1 = &nodes[0];
     n1.state.lock().fail_create_nexus = false;
     let created = eventually("nexus created", 30, || async {
         let st = n1.state.lock();
@@ -433,5 +441,5 @@ async fn failed_nexus_creations_do_not_turn_a_partial_rebuild_into_a_full_one() 
     assert!(created.epoch >= 4, "every attempt took a new epoch: {}", created.epoch);
     let join = created.children.iter().find(|c| c.replica_uuid == b.to_string()).unwrap().join;
     assert_eq!(join, J::Partial as i32, "b was claimed by the last nexus that ran");
-    c.control.stop().await;
+    control.stop().await;
 }

@@ -293,7 +293,7 @@ impl Registry {
             .volume_record(&vid)
             .ok_or_else(|| MembershipError::UnknownVolume(req.volume_uuid.clone()))?;
         check_epoch(&record, req.epoch)?;
-        self.state.write().live_epochs.insert(vid, req.epoch);
+        let new_live = self.state.read().live_epochs.get(&vid) != Some(&req.epoch);
         let before: BTreeSet<ReplicaId> = record.online_replicas();
         let changes = apply_report(&mut record, &reports, now);
         let after = record.online_replicas();
@@ -303,7 +303,7 @@ impl Registry {
         }
         // Only when every replica is current again may the regions they missed be forgotten.
         let clear = req.clear_dirty && after.len() == record.replicas.len();
-        if changes.is_empty() && !membership_changed && !clear {
+        if changes.is_empty() && !membership_changed && !clear && !new_live {
             return Ok(record.generation); // a repeat: nothing to write
         }
         let key = records::volume_key(&vid);
@@ -312,8 +312,19 @@ impl Registry {
         if clear {
             txn = txn.delete(records::dirty_key(&vid));
         }
+        if new_live {
+            // The first record of a new nexus: from now on it is the one that ran.
+            let key = records::live_epoch_key(&vid);
+            let live =
+                records::LiveEpochRecord { version: records::RECORD_VERSION, epoch: req.epoch };
+            txn = txn.put(key.clone(), records::encode(&key, &live).map_err(ControlError::from)?);
+        }
         self.store.txn(txn).await.map_err(ControlError::from)?;
-        self.state.write().volumes.insert(vid, record.clone());
+        {
+            let mut st = self.state.write();
+            st.volumes.insert(vid, record.clone());
+            st.live_epochs.insert(vid, req.epoch);
+        }
         drop(_record);
         tracing::debug!(volume = %vid, node = ?node, generation = record.generation, "children recorded");
         for c in &changes {

@@ -88,8 +88,7 @@ pub struct State {
     pub volume_messages: HashMap<VolumeId, String>,
     /// Per volume, the epoch of the newest nexus whose membership record was accepted: the
     /// newest nexus that actually ran (creation attempts that failed bump the stored epoch
-    /// too, but never served). Not persisted; unknown after a restart, when the stored epoch
-    /// stands in (see [`State::live_epoch`]).
+    /// too, but never served). Mirrors `live-epochs/`.
     pub live_epochs: HashMap<VolumeId, u64>,
 }
 
@@ -106,8 +105,8 @@ impl State {
         self.observed.get_mut(node)
     }
 
-    /// The epoch of the newest nexus of `v` that ran, as far as this control knows; the
-    /// stored epoch (never lower) when it does not.
+    /// The epoch of the newest nexus of `v` that ran; the volume's epoch (never lower) for a
+    /// volume recorded before this was kept.
     pub fn live_epoch(&self, v: &VolumeRecord) -> u64 {
         self.live_epochs.get(&v.id).copied().unwrap_or(v.epoch)
     }
@@ -176,6 +175,12 @@ impl Registry {
         for (key, v) in store.list(records::VOLUMES).await? {
             let record: VolumeRecord = records::decode(&key, &v.value)?;
             state.volumes.insert(record.id, record);
+        }
+        for (key, v) in store.list(records::LIVE_EPOCHS).await? {
+            if let Ok(id) = key.trim_start_matches(records::LIVE_EPOCHS).parse::<VolumeId>() {
+                let record: records::LiveEpochRecord = records::decode(&key, &v.value)?;
+                state.live_epochs.insert(id, record.epoch);
+            }
         }
         for (key, _) in store.list(records::TOMBSTONES).await? {
             if let Ok(id) = key.trim_start_matches(records::TOMBSTONES).parse::<VolumeId>() {
@@ -288,6 +293,7 @@ impl Registry {
             .delete(records::volume_key(&record.id))
             .delete(records::volume_name_key(&record.name))
             .delete(records::dirty_key(&record.id))
+            .delete(records::live_epoch_key(&record.id))
             .put(tomb_key.clone(), records::encode(&tomb_key, &tomb)?);
         self.store.txn(txn).await?;
         let mut st = self.state.write();

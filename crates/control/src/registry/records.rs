@@ -14,6 +14,7 @@
 //!                            deleted volume from one this store never knew)
 //!   dirty/<volume uuid>      DirtyRecord (the dirty-region log; its own key so that MarkDirty
 //!                            does not rewrite the volume)
+//!   live-epochs/<volume uuid> LiveEpochRecord (the epoch of the newest nexus that ran)
 //!   events/<seq, 20 digits>  EventRecord
 //! ```
 //!
@@ -38,6 +39,7 @@ pub const VOLUME_NAMES: &str = "volume-names/";
 pub const EVENTS: &str = "events/";
 pub const TOMBSTONES: &str = "tombstones/";
 pub const DIRTY: &str = "dirty/";
+pub const LIVE_EPOCHS: &str = "live-epochs/";
 
 /// Why a stored record could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -357,6 +359,16 @@ mod hex_bytes {
     }
 }
 
+/// `live-epochs/<volume uuid>`: the epoch of the newest nexus of the volume whose membership
+/// record was accepted — the newest nexus that actually served (a failed creation takes an
+/// epoch too, but never serves). A replica claimed with an older epoch may hold writes no
+/// log covers (see [`VolumeRecord::join_needs`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveEpochRecord {
+    pub version: u32,
+    pub epoch: u64,
+}
+
 /// `volume-names/<name>`: which volume holds a name.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NameRecord {
@@ -396,6 +408,9 @@ pub fn tombstone_key(id: &VolumeId) -> String {
 }
 pub fn dirty_key(id: &VolumeId) -> String {
     format!("{DIRTY}{id}")
+}
+pub fn live_epoch_key(id: &VolumeId) -> String {
+    format!("{LIVE_EPOCHS}{id}")
 }
 pub fn event_key(seq: u64) -> String {
     format!("{EVENTS}{seq:020}")
@@ -504,6 +519,8 @@ mod tests {
         assert_eq!(c.last_rebuild.map(|r| r.copied), Some(ByteSize::kib(4)));
         let back: VolumeRecord = decode("k", &encode("k", &v).unwrap()).unwrap();
         assert_eq!(v, back);
+        let l: LiveEpochRecord = decode("k", br#"{"version":1,"epoch":6}"#).unwrap();
+        assert_eq!(l.epoch, 6);
         let d: DirtyRecord =
             decode("k", br#"{"version":1,"region_bytes":1048576,"regions":"0580"}"#).unwrap();
         assert!(d.is_set(0) && d.is_set(2) && d.is_set(15) && !d.is_set(1) && !d.is_set(99));

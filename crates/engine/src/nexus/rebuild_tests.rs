@@ -195,22 +195,20 @@ async fn a_faulted_child_is_never_a_rebuild_source_or_a_reader() {
     stale.poke(0, &vec![0x55; 2 * MIB as usize]);
     let n = started(
         SIZE,
-        &[
-            (good.clone(), Join::Online),
-            (stale.clone(), Join::Online),
-            (target.clone(), Join::Full),
-        ],
+        &[(good.clone(), Join::Online), (stale.clone(), Join::Online)],
         Arc::new(TestRecorder::default()),
         DirtyLog::default(),
         unlimited(),
     )
     .await;
-    // The local stale child would be read first; it fails once and is out for good.
+    // The local child is read first; it fails once and is out for good, even once it
+    // answers again.
     stale.fail.store(true, Ordering::SeqCst);
-    let _ = n.read(0, 4096).await;
+    assert_eq!(n.read(0, 4096).await.unwrap().to_vec(), pattern(4096, 5).to_vec());
     stale.fail.store(false, Ordering::SeqCst);
-    until_online(&n, &target).await;
     let reads = stale.reads.load(Ordering::SeqCst);
+    n.add_child(target.clone(), Join::Full).unwrap();
+    until_online(&n, &target).await;
     assert_eq!(n.read(0, 4096).await.unwrap().to_vec(), pattern(4096, 5).to_vec());
     assert!(target.all() == good.all());
     assert_eq!(stale.reads.load(Ordering::SeqCst), reads, "no read from a faulted child");
@@ -271,7 +269,7 @@ async fn the_concurrency_limit_queues_rebuilds_across_nexuses() {
     for _ in 0..2 {
         let (source, target) = (mem(), mem());
         fill(&source, &[0], 1);
-        source.read_delay_us.store(300_000, Ordering::SeqCst);
+        source.read_delay_us.store(1_500_000, Ordering::SeqCst);
         let n = started(
             SIZE,
             &[(source, Join::Online), (target.clone(), Join::Full)],

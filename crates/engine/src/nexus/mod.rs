@@ -563,8 +563,8 @@ impl Nexus {
             jobs.into_iter()
                 .map(|(replica, id, target, kind)| {
                     let regions = match kind {
-                        Join::Partial => dirty.log.iter().collect(),
-                        _ => (0..size.div_ceil(dirty.log.region_bytes())).collect(),
+                        Join::Partial => rebuild::Regions::Listed(dirty.log.iter().collect()),
+                        _ => rebuild::Regions::All(size.div_ceil(dirty.log.region_bytes())),
                     };
                     rebuild::Job {
                         replica,

@@ -105,8 +105,32 @@ pub(super) struct Job {
     pub id: u64,
     pub target: Arc<dyn Child>,
     pub kind: Join,
-    pub regions: Vec<u64>,
+    pub regions: Regions,
     pub region_bytes: u64,
+}
+
+/// The regions a rebuild copies.
+pub(super) enum Regions {
+    /// Every region below this count (a full rebuild: no list of a million entries).
+    All(u64),
+    /// The dirty-region log's set regions (a partial rebuild).
+    Listed(Vec<u64>),
+}
+
+impl Regions {
+    fn iter(&self) -> Box<dyn Iterator<Item = u64> + Send + '_> {
+        match self {
+            Self::All(count) => Box::new(0..*count),
+            Self::Listed(list) => Box::new(list.iter().copied()),
+        }
+    }
+
+    fn count(&self) -> u64 {
+        match self {
+            Self::All(count) => *count,
+            Self::Listed(list) => list.len() as u64,
+        }
+    }
 }
 
 /// Why a region could not be copied.
@@ -134,14 +158,14 @@ pub(super) async fn run(nexus: Weak<Nexus>, job: Job, cancel: CancellationToken)
     let total = {
         let Some(n) = nexus.upgrade() else { return };
         let size = n.size.load(std::sync::atomic::Ordering::Acquire);
-        let total = job.regions.iter().map(|&r| len(&layout.span(r, size))).sum();
+        let total = job.regions.iter().map(|r| len(&layout.span(r, size))).sum();
         n.children.lock().set_progress(job.replica, job.id, 0, total);
         tracing::info!(volume = %n.volume, replica = %job.replica, kind = ?job.kind,
-            regions = job.regions.len(), total_bytes = total, "rebuild started");
+            regions = job.regions.count(), total_bytes = total, "rebuild started");
         total
     };
     let (mut done, mut copied) = (0u64, 0u64);
-    for &region in &job.regions {
+    for region in job.regions.iter() {
         let Some(n) = nexus.upgrade() else { return };
         if cancel.is_cancelled() || !n.children.lock().owns_rebuild(job.replica, job.id) {
             return;

@@ -8,6 +8,7 @@
 //!     recorded faulted for --replica-replace-secs, another
 //!         current replica reachable ──────────────────────────> add_replica + remove_replica
 //!     recorded online, its generation stamp lower ────────────> SetReplicaGeneration
+//!     in the nexus but no longer in the volume ───────────────> RemoveChild
 //! ```
 //!
 //! The store's children map is never changed from observations here: only the nexus (through
@@ -37,6 +38,9 @@ pub(super) enum Action {
     Replace(ReplicaRecord),
     /// Current, but its stamped generation is behind the volume's.
     Stamp(NodeId, ReplicaId, u64),
+    /// The nexus still holds a replica the volume no longer has (removed while the nexus's
+    /// node was away): let go of it.
+    Detach(ReplicaId),
 }
 
 /// What to do for one volume, from one consistent snapshot. Pure, so the rules are unit
@@ -100,6 +104,15 @@ pub(super) fn plan(st: &State, v: &VolumeRecord, now: u64, replace_after_ms: u64
             && rep.generation < v.generation
         {
             actions.push(Action::Stamp(r.node.clone(), r.id, v.generation));
+        }
+    }
+    if let Some(n) = nexus {
+        for c in &n.children {
+            if let Ok(rid) = c.replica_uuid.parse::<ReplicaId>()
+                && !v.owns_replica(&rid)
+            {
+                actions.push(Action::Detach(rid));
+            }
         }
     }
     actions
@@ -217,6 +230,17 @@ impl Reconciler {
                         ),
                     )
                     .await;
+            }
+            Action::Detach(rid) => {
+                let subject = format!("removing replica {rid} from the nexus of volume {vid}");
+                let _op = reg.lock_volume(vid).await;
+                let Some(record) = reg.volume_record(&vid).filter(|v| !v.owns_replica(&rid)) else {
+                    return;
+                };
+                match reg.remove_child(&record, rid).await {
+                    Ok(()) => self.succeeded(&subject),
+                    Err(e) => self.failed(reg, Kind::Volume, &id, subject, e).await,
+                }
             }
             Action::Stamp(node, rid, generation) => {
                 // Best effort: a failure is retried next pass and reported once.
@@ -386,6 +410,14 @@ mod tests {
         let (mut st, v) = setup(false);
         st.nodes.get_mut(&v.replicas[0].node).unwrap().online = false;
         assert!(plan(&st, &v, 1000 + 300_000, 300_000).is_empty());
+    }
+
+    #[test]
+    fn a_child_the_volume_no_longer_has_is_detached() {
+        let (st, mut v) = setup(false);
+        let gone = v.replicas.remove(1);
+        v.children.clear();
+        assert_eq!(plan(&st, &v, 2000, 300_000), [Action::Detach(gone.id)]);
     }
 
     #[test]

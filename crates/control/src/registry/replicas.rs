@@ -150,26 +150,7 @@ impl Registry {
             return Err(ControlError::not_found("replica", replica.to_string()));
         };
         check_removable(&record, &replica)?;
-        let nexus_at = record
-            .publish
-            .as_ref()
-            .and_then(|n| Some((n.clone(), self.state.read().online_endpoint(n)?)));
-        if let Some((node, endpoint)) = nexus_at {
-            let mut client = self.engines.client(&node, &endpoint)?;
-            let req = rpc::RemoveChildRequest {
-                volume_uuid: volume.to_string(),
-                epoch: record.epoch,
-                replica_uuid: replica.to_string(),
-            };
-            match self.engines.call(&node, "RemoveChild", client.remove_child(req)).await {
-                Ok(n) => {
-                    self.state.write().touch(&node).nexuses.insert(volume, n);
-                }
-                // No nexus (not created yet, or lost): nothing holds the child.
-                Err(e) if e.is_not_found() => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
+        self.remove_child(&record, replica).await?;
         let (record, was_online) = self
             .update_volume(volume, |r| {
                 check_removable(r, &replica)?;
@@ -266,6 +247,32 @@ impl Registry {
         let n = self.engines.call(&node, "AddChild", client.add_child(req)).await?;
         self.state.write().touch(&node).nexuses.insert(record.id, n);
         Ok(())
+    }
+
+    /// Asks the volume's nexus (when published and its node online) to let go of a child.
+    /// A missing nexus or child is success.
+    pub(crate) async fn remove_child(
+        &self,
+        record: &VolumeRecord,
+        replica: ReplicaId,
+    ) -> Result<(), ControlError> {
+        let Some(node) = record.publish.clone() else { return Ok(()) };
+        let Some(endpoint) = self.state.read().online_endpoint(&node) else { return Ok(()) };
+        let mut client = self.engines.client(&node, &endpoint)?;
+        let req = rpc::RemoveChildRequest {
+            volume_uuid: record.id.to_string(),
+            epoch: record.epoch,
+            replica_uuid: replica.to_string(),
+        };
+        match self.engines.call(&node, "RemoveChild", client.remove_child(req)).await {
+            Ok(n) => {
+                self.state.write().touch(&node).nexuses.insert(record.id, n);
+                Ok(())
+            }
+            // No nexus (not created yet, or lost): nothing holds the child.
+            Err(e) if e.is_not_found() => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Destroys a replica on its node if that node is online; absent is success.

@@ -118,6 +118,63 @@ impl FaultyDisk {
     }
 }
 
+/// The pid in a path component `trireme-hosts-<pid><letter>-…` (a test's directory).
+fn owner_pid(path: &str) -> Option<u32> {
+    let rest = &path[path.find("trireme-hosts-")? + "trireme-hosts-".len()..];
+    let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+    digits.parse().ok()
+}
+
+fn dead(pid: u32) -> bool {
+    !Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Detaches loop devices, unmounts FUSE mounts and kills nbdfuse processes left behind by test
+/// processes that died without running Drop (a runner's timeout kills with SIGKILL).
+pub fn sweep_stale() {
+    if let Ok(list) = sh("losetup", &["-l", "-n", "-O", "NAME,BACK-FILE"]) {
+        for line in list.lines() {
+            let mut parts = line.split_whitespace();
+            let (Some(dev), Some(file)) = (parts.next(), parts.next()) else { continue };
+            if owner_pid(file).is_some_and(dead) {
+                sh_quiet("losetup", &["-d", dev]);
+            }
+        }
+    }
+    if let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") {
+        for line in mounts.lines() {
+            let mut parts = line.split_whitespace();
+            let (Some(_), Some(dir), Some(fstype)) = (parts.next(), parts.next(), parts.next())
+            else {
+                continue;
+            };
+            if fstype.starts_with("fuse") && owner_pid(dir).is_some_and(dead) {
+                sh_quiet("fusermount3", &["-u", "-z", dir]);
+            }
+        }
+    }
+    for p in crate::procs::all() {
+        if p.args.first().is_some_and(|a| a.ends_with("nbdfuse"))
+            && p.args.iter().any(|a| owner_pid(a).is_some_and(dead))
+        {
+            crate::procs::signal(p.pid, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+    // Then the directories themselves (nothing is mounted in them any more).
+    let roots =
+        [std::env::var_os("TRIREME_TEST_TMPDIR").map(PathBuf::from), Some(std::env::temp_dir())];
+    for root in roots.into_iter().flatten() {
+        let Ok(rd) = std::fs::read_dir(&root) else { continue };
+        for e in rd.filter_map(|e| e.ok()) {
+            let path = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("trireme-hosts-") && owner_pid(&name).is_some_and(dead) {
+                std::fs::remove_dir_all(&path).ok();
+            }
+        }
+    }
+}
+
 impl Drop for FaultyDisk {
     fn drop(&mut self) {
         std::fs::remove_file(self.fail_file()).ok();
@@ -129,5 +186,17 @@ impl Drop for FaultyDisk {
             c.kill().ok();
             c.wait().ok();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owners_are_read_from_test_directories() {
+        assert_eq!(owner_pid("/tmp/trireme-hosts-1234a-XyZ/disk-0/fuse/nbd"), Some(1234));
+        assert_eq!(owner_pid("/tmp/other/disk"), None);
+        assert!(!dead(std::process::id()));
     }
 }

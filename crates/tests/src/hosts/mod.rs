@@ -204,6 +204,7 @@ impl Hosts {
     /// Builds the network, starts control and every engine, creates a pool on each, and waits
     /// until every node and pool is online.
     pub async fn start(cfg: HostsConfig) -> Hosts {
+        disk::sweep_stale();
         let net = Net::create();
         let root = tempfile::Builder::new()
             .prefix(&format!("trireme-hosts-{}-", net.tag))

@@ -328,3 +328,58 @@ async fn removing_or_closing_cancels_a_rebuild() {
     assert!(!record.clear_dirty, "the target was still rebuilding");
     assert_eq!(record.children[1].needs, Some(Join::Full));
 }
+
+#[tokio::test]
+async fn a_rebuild_goes_on_from_another_online_child_when_its_source_fails() {
+    let (first, second, target) = (mem(), Arc::new(MemChild::remote(SIZE)), mem());
+    for c in [&first, &second] {
+        fill(c, &(0..8).collect::<Vec<_>>(), 9);
+    }
+    first.read_delay_us.store(100_000, Ordering::SeqCst);
+    let n = started(
+        SIZE,
+        &[(first.clone(), Join::Online), (second.clone(), Join::Online)],
+        Arc::new(TestRecorder::default()),
+        DirtyLog::default(),
+        unlimited(),
+    )
+    .await;
+    n.add_child(target.clone(), Join::Full).unwrap();
+    eventually("copying from the local child", || target.writes.load(Ordering::SeqCst) > 0).await;
+    first.fail.store(true, Ordering::SeqCst);
+    let summary = until_online(&n, &target).await;
+    assert!(matches!(info(&n, first.replica_id()).state, ChildState::Faulted { .. }));
+    assert_eq!(
+        summary.copied_bytes, SIZE,
+        "every region copied once, from one source or the other"
+    );
+    assert!(target.all() == second.all());
+}
+
+#[tokio::test]
+async fn a_stopped_nexus_stops_its_rebuilds() {
+    let (source, other, target) = (mem(), mem(), mem());
+    fill(&source, &(0..8).collect::<Vec<_>>(), 1);
+    source.read_delay_us.store(100_000, Ordering::SeqCst);
+    let recorder = Arc::new(TestRecorder::default());
+    let n = started(
+        SIZE,
+        &[(source.clone(), Join::Online), (other.clone(), Join::Online)],
+        recorder.clone(),
+        DirtyLog::default(),
+        unlimited(),
+    )
+    .await;
+    n.add_child(target.clone(), Join::Full).unwrap();
+    eventually("copying", || target.writes.load(Ordering::SeqCst) > 0).await;
+    // A fault whose record control refuses: a newer nexus owns the volume.
+    *recorder.fail.lock() = Some(RecordError::Fenced("epoch 8".to_owned()));
+    other.fail.store(true, Ordering::SeqCst);
+    assert!(n.write(0, pattern(4096, 1), false).await.is_err());
+    assert!(n.stopped_reason().is_some());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let writes = target.writes.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(target.writes.load(Ordering::SeqCst), writes, "the rebuild stopped");
+    assert!(matches!(info(&n, target.replica_id()).state, ChildState::Rebuilding { .. }));
+}

@@ -106,7 +106,7 @@ impl RemoteChild {
         let export = format!("{export}@{epoch}");
         let client = ReconnectingClient::connect(addr, &export, client_opts, policy)
             .await
-            .map_err(|e| child_error(&e))?;
+            .map_err(|e| child_error(&e, epoch))?;
         let child = Self { uri: uri.clone(), replica, epoch, client, io_timeout: opts.io_timeout };
         // The first request makes the claim durable on the serving engine, or tells us we are
         // already stale.
@@ -139,7 +139,7 @@ impl RemoteChild {
     ) -> Result<T, ChildError> {
         match tokio::time::timeout(self.io_timeout, call).await {
             Ok(result) => result.map_err(|e| {
-                let err = child_error(&e);
+                let err = child_error(&e, self.epoch);
                 tracing::debug!(uri = %self.uri, op, error = %e, "remote child request failed");
                 err
             }),
@@ -165,8 +165,8 @@ fn with_default_port(authority: &str) -> String {
     }
 }
 
-/// The one mapping of NBD client errors to child errors.
-fn child_error(e: &ClientError) -> ChildError {
+/// The one mapping of NBD client errors to child errors (`epoch`: the child's, for messages).
+fn child_error(e: &ClientError, epoch: u64) -> ChildError {
     match e {
         ClientError::Timeout { .. } => ChildError::Timeout,
         ClientError::Connect { .. }
@@ -174,9 +174,8 @@ fn child_error(e: &ClientError) -> ChildError {
         | ClientError::Handshake { .. }
         | ClientError::Protocol { .. } => ChildError::Disconnected,
         // The serving engine refuses a stale epoch with EPERM (see `share.rs`).
-        ClientError::Server { errno: errno::EPERM, message } => ChildError::Fenced(format!(
-            "the serving engine refused this epoch{}",
-            if message.is_empty() { String::new() } else { format!(": {message}") }
+        ClientError::Server { errno: errno::EPERM, .. } => ChildError::Fenced(format!(
+            "a newer epoch than {epoch} claimed the replica; its engine refuses this one"
         )),
         ClientError::Server { errno: errno::ENOSPC, .. } => ChildError::NoSpace,
         // The peer is shutting down: as good as gone.
@@ -570,12 +569,13 @@ mod tests {
     #[test]
     fn errors_map_to_child_errors() {
         let server = |errno| ClientError::Server { errno, message: "m".into() };
-        assert!(matches!(child_error(&server(errno::EPERM)), ChildError::Fenced(_)));
-        assert_eq!(child_error(&server(errno::ENOSPC)), ChildError::NoSpace);
-        assert!(matches!(child_error(&server(errno::EIO)), ChildError::Io(_)));
+        let fenced = child_error(&server(errno::EPERM), 4);
+        assert!(matches!(&fenced, ChildError::Fenced(m) if m.contains("than 4")), "{fenced:?}");
+        assert_eq!(child_error(&server(errno::ENOSPC), 4), ChildError::NoSpace);
+        assert!(matches!(child_error(&server(errno::EIO), 4), ChildError::Io(_)));
         let timeout = ClientError::Timeout { op: "read", after: Duration::from_secs(1) };
-        assert_eq!(child_error(&timeout), ChildError::Timeout);
+        assert_eq!(child_error(&timeout, 1), ChildError::Timeout);
         let lost = ClientError::Disconnected { reason: "x".into() };
-        assert_eq!(child_error(&lost), ChildError::Disconnected);
+        assert_eq!(child_error(&lost, 1), ChildError::Disconnected);
     }
 }

@@ -16,7 +16,7 @@
 //! does is ask the nexus to act; the nexus then records the outcome.
 
 use std::collections::HashMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use trireme_api::RebuildKind;
 use trireme_rpc as rpc;
@@ -132,7 +132,8 @@ impl Reconciler {
                 .filter(|(_, a)| !a.is_empty())
                 .collect()
         };
-        // Forget joins that are no longer wanted, so a later fault waits the full delay again.
+        // A child whose rebuild brought it online (or that left the volume) starts afresh; one
+        // that keeps failing after each join keeps its growing delay.
         let wanted: Vec<(VolumeId, ReplicaId)> = plans
             .iter()
             .flat_map(|(v, a)| {
@@ -142,7 +143,15 @@ impl Reconciler {
                 })
             })
             .collect();
-        self.joinable_since.retain(|k, _| wanted.contains(k));
+        {
+            let st = reg.state.read();
+            self.joinable_since.retain(|key @ (vid, rid), _| {
+                wanted.contains(key)
+                    || st.volumes.get(vid).is_some_and(|v| {
+                        v.owns_replica(rid) && v.child_health(rid) != ChildHealth::Online
+                    })
+            });
+        }
         for (vid, actions) in plans {
             for action in actions {
                 self.act(reg, vid, action).await;
@@ -165,12 +174,15 @@ impl Reconciler {
                 }
             }
             Action::Join(r, needs) => {
-                let first = *self.joinable_since.entry((vid, r.id)).or_insert_with(Instant::now);
-                if first.elapsed() < self.settings.child_retry {
+                let entry = self
+                    .joinable_since
+                    .entry((vid, r.id))
+                    .or_insert_with(|| JoinState { since: Instant::now(), attempts: 0 });
+                if entry.since.elapsed() < join_delay(self.settings.child_retry, entry.attempts) {
                     return;
                 }
-                // Retry no sooner than the delay after this attempt either.
-                self.joinable_since.insert((vid, r.id), Instant::now());
+                // The next attempt (if this one does not hold) waits longer.
+                *entry = JoinState { since: Instant::now(), attempts: entry.attempts + 1 };
                 let subject = format!("adding replica {} back to volume {vid}", r.id);
                 let _op = reg.lock_volume(vid).await;
                 let Some(record) = reg.volume_record(&vid).filter(|v| v.owns_replica(&r.id)) else {
@@ -271,8 +283,25 @@ async fn stamp(
     Ok(())
 }
 
-/// Joins wanted per (volume, replica): when first seen joinable, or last tried.
-pub(super) type JoinTimes = HashMap<(VolumeId, ReplicaId), Instant>;
+/// A child being brought back: when it was first seen joinable or last tried, and how many
+/// times it was added back without staying (a disk that keeps failing, say).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct JoinState {
+    since: Instant,
+    attempts: u32,
+}
+
+/// Children being brought back, per (volume, replica).
+pub(super) type JoinTimes = HashMap<(VolumeId, ReplicaId), JoinState>;
+
+/// The longest wait between two attempts to add a child back.
+const MAX_JOIN_DELAY: Duration = Duration::from_secs(30);
+
+/// `--child-retry-secs` before the first attempt, doubling after each one that did not hold,
+/// up to [`MAX_JOIN_DELAY`] (never below the flag).
+fn join_delay(base: Duration, attempts: u32) -> Duration {
+    base.saturating_mul(1 << attempts.min(6)).min(MAX_JOIN_DELAY.max(base))
+}
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
@@ -410,6 +439,14 @@ mod tests {
         let (mut st, v) = setup(false);
         st.nodes.get_mut(&v.replicas[0].node).unwrap().online = false;
         assert!(plan(&st, &v, 1000 + 300_000, 300_000).is_empty());
+    }
+
+    #[test]
+    fn joins_that_do_not_hold_back_off() {
+        let s = Duration::from_secs(1);
+        let waits: Vec<u64> = (0..8).map(|n| join_delay(s, n).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30, 30]);
+        assert_eq!(join_delay(Duration::from_secs(60), 3), Duration::from_secs(60));
     }
 
     #[test]

@@ -129,6 +129,7 @@ impl Engine {
                 // Same children: the same nexus, grown if the volume grew meanwhile (control
                 // may reconcile a resized volume through CreateNexus before ResizeNexus).
                 if same && existing.size() <= req.size.bytes() {
+                    self.refresh_remote_sizes(volume, req.size).await;
                     existing.resize(req.size.bytes())?;
                     return Ok(existing);
                 }
@@ -265,16 +266,10 @@ impl Engine {
         list.push(Arc::downgrade(child));
     }
 
-    /// Grows the nexus; its children must hold `size` bytes already. Remote children smaller
-    /// than that reconnect first, to learn a size their replica gained since they connected.
-    pub async fn resize_nexus(
-        &self,
-        volume: VolumeId,
-        size: ByteSize,
-    ) -> Result<Arc<Nexus>, EngineError> {
-        let lock = self.volume_lock(volume);
-        let _guard = lock.lock().await;
-        let nexus = self.nexus(volume).ok_or(EngineError::NexusNotFound(volume))?;
+    /// Reconnects the volume's remote children smaller than `size`, so they learn a size
+    /// their replica gained since they connected. A failure is only logged: the resize then
+    /// reports the child as too small.
+    async fn refresh_remote_sizes(&self, volume: VolumeId, size: ByteSize) {
         let stale: Vec<Arc<RemoteChild>> = {
             let mut remotes = self.remote_children.lock();
             let list = remotes.entry(volume).or_default();
@@ -286,11 +281,23 @@ impl Engine {
         };
         for child in stale {
             if let Err(e) = child.refresh_size().await {
-                // The resize below reports the child as too small; the nexus faults it on
-                // its next failing request anyway.
-                tracing::warn!(%volume, child = %child.uri(), error = %e, "cannot refresh a remote child's size");
+                tracing::warn!(%volume, child = %child.uri(), error = %e,
+                    "cannot refresh a remote child's size");
             }
         }
+    }
+
+    /// Grows the nexus; its children must hold `size` bytes already. Remote children smaller
+    /// than that reconnect first, to learn a size their replica gained since they connected.
+    pub async fn resize_nexus(
+        &self,
+        volume: VolumeId,
+        size: ByteSize,
+    ) -> Result<Arc<Nexus>, EngineError> {
+        let lock = self.volume_lock(volume);
+        let _guard = lock.lock().await;
+        let nexus = self.nexus(volume).ok_or(EngineError::NexusNotFound(volume))?;
+        self.refresh_remote_sizes(volume, size).await;
         nexus.resize(size.bytes())?;
         Ok(nexus)
     }

@@ -409,10 +409,11 @@ impl Nexus {
         Ok(())
     }
 
-    /// Adds a child that is brought up to date by a rebuild (`Partial` copies the dirty
-    /// regions, `Full` everything; `Online` is taken as `Partial`). It receives every write
-    /// from now on and serves reads once rebuilt. Idempotent: a child already online or
-    /// rebuilding is left alone; a faulted one is re-opened in place with `child`.
+    /// Adds a child that is brought up to date by a rebuild: a faulted member re-opened in
+    /// place with `child` gets what `join` or its recorded need says (`Partial` copies the
+    /// dirty regions, `Full` everything; `Online` is taken as `Partial`); a replica that is
+    /// not a member always gets a full copy. It receives every write from now on and serves
+    /// reads once rebuilt. Idempotent: a child already online or rebuilding is left alone.
     pub fn add_child(
         self: &Arc<Self>,
         child: Arc<dyn Child>,

@@ -179,14 +179,16 @@ impl ChildTable {
         self.find(replica).map(|i| &self.slots[i])
     }
 
-    /// Adds `child` so that it is brought up to date (`join` of `Online` is taken as
-    /// `Partial`: a child joining a running nexus has missed at least what the log holds).
-    /// A faulted child of the same replica is re-opened in place, keeping the stronger need.
+    /// Adds `child` so that it is brought up to date. A faulted child of the same replica is
+    /// re-opened in place, keeping the stronger need (`Online` is taken as `Partial`: it has
+    /// missed at least what the log holds). A replica that is not a member always needs a
+    /// full copy: the log only covers what members missed, and writes in flight while every
+    /// child was online were not logged at all.
     pub fn add(&mut self, child: Arc<dyn Child>, join: Join, total_bytes: u64) -> AddOutcome {
         let join = stronger(join, Join::Partial);
         let state = ChildState::Rebuilding { done_bytes: 0, total_bytes };
         let Some(i) = self.find(child.replica_id()) else {
-            self.insert(Self::slot(child, state, Some(join)));
+            self.insert(Self::slot(child, state, Some(Join::Full)));
             self.bump();
             return AddOutcome::Added;
         };
@@ -366,7 +368,8 @@ mod tests {
         let (mut t, ids) = table(1);
         let new: Arc<dyn Child> = Arc::new(MemChild::new(4096));
         let new_id = new.replica_id();
-        assert_eq!(t.add(Arc::clone(&new), Join::Full, 4096), AddOutcome::Added);
+        assert_eq!(t.add(Arc::clone(&new), Join::Partial, 4096), AddOutcome::Added);
+        assert_eq!(t.get(new_id).unwrap().needs, Some(Join::Full), "a newcomer needs everything");
         assert_eq!(t.add(new, Join::Full, 4096), AddOutcome::Present, "a replica is a child once");
         assert_eq!(t.nexus_state(), NexusState::Degraded);
         assert_eq!(t.writers().len(), 2);

@@ -622,3 +622,29 @@ async fn a_full_rebuild_interrupted_by_a_nexus_restart_is_not_declared_done() {
     eprintln!("rebuild after the interruption: {info:?}");
     compare_replicas(&h, VOL).await;
 }
+
+/// Both remote replicas' engines die one after the other: I/O goes on on the last online child
+/// without an error, and when both return each is rebuilt partially and all three agree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_lost_io_goes_on_with_the_last_one() {
+    let (mut h, uri) = start(HostsConfig::new(3)).await;
+    let r1 = h.replica_on(VOL, 1).await.id;
+    let r2 = h.replica_on(VOL, 2).await.id;
+    let fio = FioLoop::start(&uri, FIO_OFF, FIO_LEN);
+    fio.wait_runs(1, T).await;
+    h.kill9(1);
+    wait_faulted(&h, &r1).await;
+    fio.wait_runs(1, T).await;
+    h.kill9(2);
+    wait_faulted(&h, &r2).await;
+    fio.wait_runs(2, T).await;
+    h.restart(1).await;
+    h.restart(2).await;
+    let i1 = wait_rebuilt(&h, &r1).await;
+    let i2 = wait_rebuilt(&h, &r2).await;
+    fio.wait_runs(1, T).await;
+    fio.stop_ok("two replicas lost one after the other").await;
+    assert_partial(&i1, "first replica back");
+    assert_partial(&i2, "second replica back");
+    compare_replicas(&h, VOL).await;
+}

@@ -14,13 +14,13 @@
 //! does not hold.
 
 use std::ops::Range;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use async_trait::async_trait;
 use futures::future::join_all;
 use trireme_iobuf::IoBuf;
 use trireme_nbd::{Export, ExportError, Extent};
-use trireme_types::ReplicaId;
 
 use super::child::{Child, ChildError, ChildExtent};
 use super::state::FaultOutcome;
@@ -37,7 +37,51 @@ fn to_export_error(e: ChildError) -> ExportError {
     }
 }
 
+/// A write-like request ready to go: its region locks, its place among the requests in
+/// flight, and its children.
+struct Prepared<'a> {
+    _lock: SharedGuard,
+    _inflight: Inflight<'a>,
+    regions: Range<u64>,
+    writers: Vec<Arc<dyn Child>>,
+}
+
+/// Counts a request in [`Nexus::inflight`] until dropped.
+struct Inflight<'a> {
+    nexus: &'a Nexus,
+    version: u64,
+}
+
+impl Drop for Inflight<'_> {
+    fn drop(&mut self) {
+        {
+            let mut inflight = self.nexus.inflight.lock();
+            if let Some(count) = inflight.get_mut(&self.version) {
+                *count -= 1;
+                if *count == 0 {
+                    inflight.remove(&self.version);
+                }
+            }
+        }
+        self.nexus.inflight_done.notify_waiters();
+    }
+}
+
 impl Nexus {
+    /// Waits until every write-like request that chose its children before table version
+    /// `version` has finished (and logged its regions if it failed somewhere).
+    pub(super) async fn drained_before(&self, version: u64) {
+        loop {
+            let done = self.inflight_done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            if self.inflight.lock().range(..version).next().is_none() {
+                return;
+            }
+            done.await;
+        }
+    }
+
     pub(super) fn check_open(&self) -> Result<(), ExportError> {
         if self.closed.load(Ordering::Acquire) {
             return Err(ExportError::ShuttingDown);
@@ -51,13 +95,14 @@ impl Nexus {
 
     /// Handles a child's error: `Fenced` stops the nexus; anything else faults the child.
     /// Returns whether the I/O may go on without it.
-    pub(super) fn fault_child(&self, replica: ReplicaId, err: &ChildError) -> bool {
+    pub(super) fn fault_child(&self, child: &Arc<dyn Child>, err: &ChildError) -> bool {
+        let replica = child.replica_id();
         if let ChildError::Fenced(msg) = err {
             self.stop(format!("fenced by child {replica}: {msg}"));
             return false;
         }
         let reason = err.fault_reason();
-        let outcome = self.children.lock().fault(replica, reason);
+        let outcome = self.children.lock().fault_instance(child, reason);
         match outcome {
             FaultOutcome::Faulted => {
                 if let Some(token) = self.rebuild_cancels.lock().remove(&replica) {
@@ -67,7 +112,7 @@ impl Nexus {
                 tracing::warn!(volume = %self.volume, %replica, %reason, error = %err, "child faulted");
                 true
             }
-            FaultOutcome::AlreadyFaulted | FaultOutcome::Unknown => true,
+            FaultOutcome::AlreadyFaulted | FaultOutcome::Unknown | FaultOutcome::Stale => true,
             FaultOutcome::RefusedLastOnline => {
                 tracing::debug!(volume = %self.volume, %replica, error = %err,
                     "I/O error on the last online child, returned to the client");
@@ -83,11 +128,7 @@ impl Nexus {
 
     /// Locks the regions of a write-like request and picks its children. While some child is
     /// out, the regions are recorded in the log first.
-    async fn prepare_write(
-        &self,
-        offset: u64,
-        len: u64,
-    ) -> Result<(SharedGuard, Range<u64>, Vec<std::sync::Arc<dyn Child>>), ExportError> {
+    async fn prepare_write(&self, offset: u64, len: u64) -> Result<Prepared<'_>, ExportError> {
         let regions = self.regions(offset, len);
         let guard = self.ranges.shared(regions.clone()).await;
         loop {
@@ -103,7 +144,11 @@ impl Nexus {
                     self.dirty.lock().log.missing(regions.clone())
                 };
                 if missing.is_empty() {
-                    return Ok((guard, regions, table.writers()));
+                    let version = table.version();
+                    *self.inflight.lock().entry(version).or_default() += 1;
+                    let inflight = Inflight { nexus: self, version };
+                    let writers = table.writers();
+                    return Ok(Prepared { _lock: guard, _inflight: inflight, regions, writers });
                 }
                 missing
             };
@@ -181,13 +226,13 @@ impl Nexus {
         ops: impl IntoIterator<Item = F>,
     ) -> Result<(), ExportError>
     where
-        F: Future<Output = (ReplicaId, Result<(), ChildError>)>,
+        F: Future<Output = (Arc<dyn Child>, Result<(), ChildError>)>,
     {
         let mut client_error = None;
         let mut any_failed = false;
-        for (replica, result) in join_all(ops).await {
+        for (child, result) in join_all(ops).await {
             if let Err(e) = result {
-                if self.fault_child(replica, &e) {
+                if self.fault_child(&child, &e) {
                     any_failed = true;
                 } else {
                     client_error.get_or_insert(e);
@@ -216,7 +261,10 @@ impl Nexus {
         };
         self.complete(
             0..0,
-            writers.into_iter().map(|c| async move { (c.replica_id(), c.flush().await) }),
+            writers.into_iter().map(|c| async move {
+                let result = c.flush().await;
+                (c, result)
+            }),
         )
         .await
     }
@@ -224,16 +272,16 @@ impl Nexus {
     /// Runs `op` on the first online child, failing over to the next one on errors.
     async fn read_from_online<T, F, Fut>(&self, op: F) -> Result<T, ExportError>
     where
-        F: Fn(std::sync::Arc<dyn Child>) -> Fut,
+        F: Fn(Arc<dyn Child>) -> Fut,
         Fut: Future<Output = Result<T, ChildError>>,
     {
         loop {
             self.check_open()?;
             let child = self.children.lock().reader().ok_or_else(faulted)?;
-            match op(std::sync::Arc::clone(&child)).await {
+            match op(Arc::clone(&child)).await {
                 Ok(v) => return Ok(v),
                 // Each failed attempt faults one child (or stops the nexus), so this ends.
-                Err(e) if self.fault_child(child.replica_id(), &e) => continue,
+                Err(e) if self.fault_child(&child, &e) => continue,
                 Err(e) => {
                     self.check_open()?;
                     return Err(to_export_error(e));
@@ -285,10 +333,11 @@ impl Export for Nexus {
 
     async fn write(&self, offset: u64, data: IoBuf, fua: bool) -> Result<(), ExportError> {
         self.check_open()?;
-        let (_guard, regions, writers) = self.prepare_write(offset, data.len() as u64).await?;
-        let last = writers.len().saturating_sub(1);
+        let p = self.prepare_write(offset, data.len() as u64).await?;
+        let last = p.writers.len().saturating_sub(1);
         let mut data = Some(data);
-        let ops = writers.into_iter().enumerate().map(|(i, child)| {
+        let ops = p.writers.iter().enumerate().map(|(i, child)| {
+            let child = Arc::clone(child);
             // The last child takes the original buffer; the others get copies.
             let buf = if i == last { data.take() } else { data.clone() };
             async move {
@@ -296,11 +345,11 @@ impl Export for Nexus {
                     Some(buf) => child.write(offset, buf, fua).await,
                     None => Err(ChildError::Io("write buffer missing".to_owned())),
                 };
-                (child.replica_id(), result)
+                (child, result)
             }
         });
         let ops: Vec<_> = ops.collect();
-        self.complete(regions, ops).await
+        self.complete(p.regions.clone(), ops).await
     }
 
     async fn flush(&self) -> Result<(), ExportError> {
@@ -310,15 +359,15 @@ impl Export for Nexus {
 
     async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), ExportError> {
         self.check_open()?;
-        let (_guard, regions, writers) = self.prepare_write(offset, len).await?;
+        let p = self.prepare_write(offset, len).await?;
         self.complete(
-            regions,
-            writers.into_iter().map(|c| async move {
+            p.regions.clone(),
+            p.writers.iter().cloned().map(|c| async move {
                 let mut result = c.trim(offset, len).await;
                 if fua && result.is_ok() {
                     result = c.flush().await;
                 }
-                (c.replica_id(), result)
+                (c, result)
             }),
         )
         .await
@@ -332,15 +381,15 @@ impl Export for Nexus {
         fua: bool,
     ) -> Result<(), ExportError> {
         self.check_open()?;
-        let (_guard, regions, writers) = self.prepare_write(offset, len).await?;
+        let p = self.prepare_write(offset, len).await?;
         self.complete(
-            regions,
-            writers.into_iter().map(|c| async move {
+            p.regions.clone(),
+            p.writers.iter().cloned().map(|c| async move {
                 let mut result = c.write_zeroes(offset, len, may_trim).await;
                 if fua && result.is_ok() {
                     result = c.flush().await;
                 }
-                (c.replica_id(), result)
+                (c, result)
             }),
         )
         .await

@@ -194,6 +194,12 @@ pub struct Nexus {
     stopped_flag: AtomicBool,
     cancel: CancellationToken,
     tasks: TaskTracker,
+    /// Write-like requests between choosing their children and their acknowledgement,
+    /// counted by the table version they chose them at. A partial rebuild waits for those
+    /// older than its child's joining: one of them may have missed the child and only log
+    /// its regions when it fails, after the join.
+    inflight: Mutex<std::collections::BTreeMap<u64, usize>>,
+    inflight_done: Notify,
     /// The cancellation of each running rebuild, with its rebuild id.
     rebuild_cancels: Mutex<std::collections::HashMap<ReplicaId, (u64, CancellationToken)>>,
 }
@@ -307,6 +313,8 @@ impl Nexus {
             stopped_flag: AtomicBool::new(false),
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            inflight: Mutex::new(Default::default()),
+            inflight_done: Notify::new(),
             rebuild_cancels: Mutex::new(Default::default()),
         })
     }
@@ -558,24 +566,11 @@ impl Nexus {
     fn spawn_rebuilds(self: &Arc<Self>) {
         let jobs = {
             let mut table = self.children.lock();
-            let jobs = table.unassigned_rebuilds();
-            let dirty = self.dirty.lock();
-            let size = self.size.load(Ordering::Acquire);
-            jobs.into_iter()
-                .map(|(replica, id, target, kind)| {
-                    let regions = match kind {
-                        Join::Partial => rebuild::Regions::Listed(dirty.log.iter().collect()),
-                        _ => rebuild::Regions::All(size.div_ceil(dirty.log.region_bytes())),
-                    };
-                    rebuild::Job {
-                        replica,
-                        id,
-                        target,
-                        kind,
-                        regions,
-                        region_bytes: dirty.log.region_bytes(),
-                    }
-                })
+            let joined = table.version();
+            table
+                .unassigned_rebuilds()
+                .into_iter()
+                .map(|(replica, id, target, kind)| rebuild::Job { replica, id, target, kind, joined })
                 .collect::<Vec<_>>()
         };
         for job in jobs {

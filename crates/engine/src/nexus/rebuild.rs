@@ -105,8 +105,8 @@ pub(super) struct Job {
     pub id: u64,
     pub target: Arc<dyn Child>,
     pub kind: Join,
-    pub regions: Regions,
-    pub region_bytes: u64,
+    /// The table version when the task was assigned (at or after the child joined).
+    pub joined: u64,
 }
 
 /// The regions a rebuild copies.
@@ -148,24 +148,40 @@ enum Side {
 
 pub(super) async fn run(nexus: Weak<Nexus>, job: Job, cancel: CancellationToken) {
     let Some(limits) = nexus.upgrade().map(|n| Arc::clone(&n.limits)) else { return };
+    {
+        let Some(n) = nexus.upgrade() else { return };
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = n.drained_before(job.joined) => {}
+        }
+    }
     let permit = tokio::select! {
         _ = cancel.cancelled() => return,
         p = Arc::clone(&limits.permits).acquire_owned() => p,
     };
     let Ok(_permit) = permit else { return };
     let started = Instant::now();
-    let layout = DirtyLog::new(job.region_bytes);
-    let total = {
+    let (regions, layout, total) = {
         let Some(n) = nexus.upgrade() else { return };
         let size = n.size.load(std::sync::atomic::Ordering::Acquire);
-        let total = job.regions.iter().map(|r| len(&layout.span(r, size))).sum();
+        // The snapshot: every request that may have missed the child has logged by now.
+        let (regions, layout) = {
+            let dirty = n.dirty.lock();
+            let layout = DirtyLog::new(dirty.log.region_bytes());
+            let regions = match job.kind {
+                Join::Partial => Regions::Listed(dirty.log.iter().collect()),
+                _ => Regions::All(size.div_ceil(layout.region_bytes().max(1))),
+            };
+            (regions, layout)
+        };
+        let total = regions.iter().map(|r| len(&layout.span(r, size))).sum();
         n.children.lock().set_progress(job.replica, job.id, 0, total);
         tracing::info!(volume = %n.volume, replica = %job.replica, kind = ?job.kind,
-            regions = job.regions.count(), total_bytes = total, "rebuild started");
-        total
+            regions = regions.count(), total_bytes = total, "rebuild started");
+        (regions, layout, total)
     };
     let (mut done, mut copied) = (0u64, 0u64);
-    for region in job.regions.iter() {
+    for region in regions.iter() {
         let Some(n) = nexus.upgrade() else { return };
         if cancel.is_cancelled() || !n.children.lock().owns_rebuild(job.replica, job.id) {
             return;
@@ -228,7 +244,7 @@ async fn copy_region(n: &Nexus, job: &Job, span: Range<u64>) -> Result<u64, Copy
             Err(Side::Target(e)) => return Err(CopyError::Target(e)),
             Err(Side::Source(e)) => {
                 attempts += 1;
-                if !n.fault_child(source.replica_id(), &e) || attempts > SOURCE_RETRIES {
+                if !n.fault_child(&source, &e) || attempts > SOURCE_RETRIES {
                     return Err(CopyError::Source(e));
                 }
             }

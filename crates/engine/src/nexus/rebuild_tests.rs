@@ -383,3 +383,34 @@ async fn a_stopped_nexus_stops_its_rebuilds() {
     assert_eq!(target.writes.load(Ordering::SeqCst), writes, "the rebuild stopped");
     assert!(matches!(info(&n, target.replica_id()).state, ChildState::Rebuilding { .. }));
 }
+
+#[tokio::test]
+async fn a_write_still_in_flight_to_a_faulted_child_is_not_missed_by_its_partial_rebuild() {
+    let (old, good) = (mem(), mem());
+    let n = started(
+        SIZE,
+        &[(old.clone(), Join::Online), (good.clone(), Join::Online)],
+        Arc::new(TestRecorder::default()),
+        DirtyLog::default(),
+        unlimited(),
+    )
+    .await;
+    // Issued while every child is online (nothing logged), slow to fail on `old`.
+    old.write_delay_us.store(500_000, Ordering::SeqCst);
+    let write = tokio::spawn({
+        let n = Arc::clone(&n);
+        async move { n.write(2 * MIB, pattern(4096, 8), false).await }
+    });
+    eventually("the write on the good child", || good.writes.load(Ordering::SeqCst) > 0).await;
+    // Meanwhile the child is faulted by a read and re-opened (a new instance) as partial.
+    old.fail.store(true, Ordering::SeqCst);
+    assert_eq!(n.read(2 * MIB, 4096).await.unwrap().to_vec(), pattern(4096, 8).to_vec());
+    let reopened = Arc::new(MemChild::with_id(SIZE, old.replica_id()));
+    n.add_child(reopened.clone(), Join::Partial).unwrap();
+    write.await.unwrap().unwrap();
+    // The late failure of the old instance neither faults the new one nor escapes the log.
+    let summary = until_online(&n, &reopened).await;
+    assert_eq!(summary.kind, Join::Partial);
+    assert_eq!(summary.copied_bytes, 4096);
+    assert!(reopened.all() == good.all());
+}

@@ -50,6 +50,9 @@ pub enum FaultOutcome {
     RefusedLastOnline,
     /// No child with that replica id (removed meanwhile).
     Unknown,
+    /// The error came from an earlier instance of a child that was faulted and re-opened
+    /// since: the current instance is left alone.
+    Stale,
 }
 
 /// What [`ChildTable::remove`] did.
@@ -71,6 +74,12 @@ pub enum AddOutcome {
     Reopened,
     /// Already online or rebuilding: nothing to do.
     Present,
+}
+
+/// Whether two handles are the same opened child (data pointers only: the same object may
+/// be reached through different vtables).
+fn same_instance(a: &Arc<dyn Child>, b: &Arc<dyn Child>) -> bool {
+    std::ptr::eq(Arc::as_ptr(a).cast::<()>(), Arc::as_ptr(b).cast::<()>())
 }
 
 /// The stronger of two needs: a child that needs a full copy still does after a partial one.
@@ -215,6 +224,15 @@ impl ChildTable {
         self.slots.remove(i);
         self.bump();
         RemoveOutcome::Removed
+    }
+
+    /// Faults `child` if it is still the instance in the table (see [`FaultOutcome::Stale`]).
+    pub fn fault_instance(&mut self, child: &Arc<dyn Child>, reason: FaultReason) -> FaultOutcome {
+        let current = self.get(child.replica_id()).and_then(|s| s.child.as_ref());
+        if current.is_some_and(|c| !same_instance(c, child)) {
+            return FaultOutcome::Stale;
+        }
+        self.fault(child.replica_id(), reason)
     }
 
     /// Faults the child holding `replica`, unless that would leave no online child. A child
@@ -394,7 +412,11 @@ mod tests {
         assert!(!t.owns_rebuild(id, jobs[0].1), "a faulted child's rebuild is void");
         assert_eq!(t.get(id).unwrap().needs, Some(Join::Full));
         // Re-added as partial: it still needs the full copy.
-        assert_eq!(t.add(new, Join::Partial, 4096), AddOutcome::Reopened);
+        let reopened: Arc<dyn Child> = Arc::new(MemChild::with_id(4096, id));
+        assert_eq!(t.add(Arc::clone(&reopened), Join::Partial, 4096), AddOutcome::Reopened);
+        // A late error of the old instance does not fault the new one.
+        assert_eq!(t.fault_instance(&new, FaultReason::Timeout), FaultOutcome::Stale);
+        assert!(matches!(t.get(id).unwrap().state, ChildState::Rebuilding { .. }));
         assert_eq!(t.get(id).unwrap().needs, Some(Join::Full));
         let summary = RebuildSummary { kind: Join::Full, copied_bytes: 1, millis: 2 };
         assert!(!t.finish_rebuild(id, jobs[0].1, summary), "an old task cannot finish");

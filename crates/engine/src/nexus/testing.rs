@@ -51,6 +51,8 @@ pub(crate) struct MemChild {
     pub reads: AtomicU64,
     /// Delays every read's answer by this many microseconds (to stretch a rebuild).
     pub read_delay_us: AtomicU64,
+    /// Delays every write (before it checks for an injected failure).
+    pub write_delay_us: AtomicU64,
     pub journal: Mutex<Option<Arc<Journal>>>,
 }
 
@@ -58,7 +60,11 @@ pub(crate) const BLOCK: u64 = 4096;
 
 impl MemChild {
     pub fn new(size: u64) -> Self {
-        let id = ReplicaId::new_random();
+        Self::with_id(size, ReplicaId::new_random())
+    }
+
+    /// Another instance of replica `id` (a child re-opened after a fault).
+    pub fn with_id(size: u64, id: ReplicaId) -> Self {
         Self {
             uri: ChildUri::Local(id),
             id,
@@ -69,6 +75,7 @@ impl MemChild {
             writes: AtomicU64::new(0),
             reads: AtomicU64::new(0),
             read_delay_us: AtomicU64::new(0),
+            write_delay_us: AtomicU64::new(0),
             journal: Mutex::new(None),
         }
     }
@@ -151,6 +158,10 @@ impl Child for MemChild {
         Ok(data)
     }
     async fn write(&self, offset: u64, data: IoBuf, _fua: bool) -> Result<(), ChildError> {
+        let delay = self.write_delay_us.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_micros(delay)).await;
+        }
         self.check()?;
         self.note(offset);
         self.writes.fetch_add(1, Ordering::SeqCst);

@@ -570,7 +570,13 @@ impl Nexus {
             table
                 .unassigned_rebuilds()
                 .into_iter()
-                .map(|(replica, id, target, kind)| rebuild::Job { replica, id, target, kind, joined })
+                .map(|(replica, id, target, kind)| rebuild::Job {
+                    replica,
+                    id,
+                    target,
+                    kind,
+                    joined,
+                })
                 .collect::<Vec<_>>()
         };
         for job in jobs {

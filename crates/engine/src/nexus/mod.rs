@@ -25,7 +25,10 @@
 //! nexus owns the volume (`Fenced`), stops this nexus: every later I/O fails.
 //!
 //! **Rebuilds** ([`rebuild`]) bring a child joining `Partial` or `Full` up to date region by
-//! region, under an exclusive region lock ([`range_lock`]) that writes share.
+//! region, under an exclusive region lock ([`range_lock`]) that writes share. A partial one
+//! takes its snapshot of the log only once every request that chose its children before the
+//! child joined has finished, so a late failure on the child's earlier instance is logged in
+//! time; such a late error never faults the re-opened instance.
 //!
 //! **No lock is held across an await.** Each operation takes the table's lock just long enough
 //! to clone the `Arc`s of the children it needs, then does its I/O unlocked.
@@ -81,7 +84,7 @@ pub enum NexusError {
     /// No child joining `Online` could be opened: serving would expose stale data.
     #[error("no current replica reachable")]
     NoCurrentChild,
-    #[error("the dirty-region log has regions but no region size")]
+    #[error("the dirty-region log's region size must be 0 (unset, with no regions) or a power of two of at least 4 KiB")]
     InvalidDirtyLog,
     /// The membership could not be recorded; the nexus stopped.
     #[error(transparent)]
@@ -288,6 +291,10 @@ impl Nexus {
                 return Err(NexusError::InvalidDirtyLog);
             }
             dirty = DirtyLog::for_size(size);
+        }
+        // Tiny regions would make every request lock and log thousands of them.
+        if dirty.region_bytes() < 4096 || !dirty.region_bytes().is_power_of_two() {
+            return Err(NexusError::InvalidDirtyLog);
         }
         Ok(Self {
             volume,

@@ -89,6 +89,10 @@ fn creation_needs_an_open_current_child() {
         NexusConfig { dirty: DirtyLog::from_bytes(0, vec![1]), ..NexusConfig::standalone() };
     let err = Nexus::create(VolumeId::new_random(), SIZE, children, config);
     assert_eq!(err.err(), Some(NexusError::InvalidDirtyLog));
+    let children = vec![NewChild::opened(Arc::clone(&m[0]) as Arc<dyn Child>, Join::Online)];
+    let config = NexusConfig { dirty: DirtyLog::new(1000), ..NexusConfig::standalone() };
+    let err = Nexus::create(VolumeId::new_random(), SIZE, children, config);
+    assert_eq!(err.err(), Some(NexusError::InvalidDirtyLog));
 }
 
 /// Runs `op` with the recorder held; asserts it is not acknowledged until released.

@@ -84,7 +84,9 @@ pub enum NexusError {
     /// No child joining `Online` could be opened: serving would expose stale data.
     #[error("no current replica reachable")]
     NoCurrentChild,
-    #[error("the dirty-region log's region size must be 0 (unset, with no regions) or a power of two of at least 4 KiB")]
+    #[error(
+        "the dirty-region log's region size must be 0 (unset, with no regions) or a power of two of at least 4 KiB"
+    )]
     InvalidDirtyLog,
     /// The membership could not be recorded; the nexus stopped.
     #[error(transparent)]

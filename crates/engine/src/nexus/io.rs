@@ -232,9 +232,10 @@ impl Nexus {
         let mut any_failed = false;
         for (child, result) in join_all(ops).await {
             if let Err(e) = result {
-                if self.fault_child(&child, &e) {
-                    any_failed = true;
-                } else {
+                // Even when the error goes to the client (the last online child failed), the
+                // other children may hold the new data: the region is logged either way.
+                any_failed = true;
+                if !self.fault_child(&child, &e) {
                     client_error.get_or_insert(e);
                 }
             }

@@ -423,7 +423,7 @@ async fn failed_nexus_creations_do_not_turn_a_partial_rebuild_into_a_full_one() 
         (n1.state.lock().create_nexus_requests.len() >= 3).then_some(())
     })
     .await;
-    // Control restarts meanwhile: which nexus last ran is kept in the store.
+    // Control restarts meanwhile: which nexus recorded b out is kept in the store.
     let (api_addr, grpc_addr, dir) = (c.control.api, c.control.grpc, c.control.dir.clone());
     let Cluster { _dir, control, nodes, .. } = c;
     control.stop().await;
@@ -440,6 +440,6 @@ async fn failed_nexus_creations_do_not_turn_a_partial_rebuild_into_a_full_one() 
     .unwrap();
     assert!(created.epoch >= 4, "every attempt took a new epoch: {}", created.epoch);
     let join = created.children.iter().find(|c| c.replica_uuid == b.to_string()).unwrap().join;
-    assert_eq!(join, J::Partial as i32, "b was claimed by the last nexus that ran");
+    assert_eq!(join, J::Partial as i32, "b was claimed by the nexus that recorded it out");
     control.stop().await;
 }

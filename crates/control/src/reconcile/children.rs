@@ -73,7 +73,7 @@ pub(super) fn plan(st: &State, v: &VolumeRecord, now: u64, replace_after_ms: u64
             };
             if joinable {
                 let needs = v
-                    .join_needs(&r.id, present.map(|p| p.epoch), st.live_epoch(v))
+                    .join_needs(&r.id, present.map(|p| p.epoch))
                     .or_else(|| {
                         child
                             .and_then(|c| crate::registry::membership::rebuild_kind(c.rebuild_kind))
@@ -374,6 +374,7 @@ mod tests {
                 reason: Some(FaultReason::Timeout),
                 needs: Some(RebuildKind::Partial),
                 since_ms: 1000,
+                out_epoch: 3,
                 last_rebuild: None,
             },
         );
@@ -418,8 +419,14 @@ mod tests {
         let (st, v) = setup(true);
         let got = plan(&st, &v, 2000, 300_000);
         assert_eq!(got, [Action::Join(v.replicas[1].clone(), Some(RebuildKind::Partial))]);
-        // Never claimed by the current nexus (an older one may have written to it unseen):
-        // full.
+        // Newer nexuses came since (the one that faulted it crashed): it still needs only
+        // what the log says.
+        let (st, mut v) = setup(true);
+        v.epoch = 5;
+        let got = plan(&st, &v, 2000, 300_000);
+        assert_eq!(got, [Action::Join(v.replicas[1].clone(), Some(RebuildKind::Partial))]);
+        // Not claimed by the nexus that faulted it (epoch 3): the older one that did may have
+        // written to it unseen: full.
         let (mut st, v) = setup(true);
         let b = &v.replicas[1];
         st.observed.get_mut(&b.node).unwrap().replicas.get_mut(&b.id).unwrap().epoch = 2;

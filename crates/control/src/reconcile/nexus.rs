@@ -214,7 +214,7 @@ pub(crate) fn nexus_children(
             Some(rpc::ChildSpec {
                 uri,
                 replica_uuid: r.id.to_string(),
-                join: join_of(v.join_needs(&r.id, claimed, st.live_epoch(v))) as i32,
+                join: join_of(v.join_needs(&r.id, claimed)) as i32,
             })
         })
         .collect())

@@ -181,11 +181,12 @@ impl ChildChange {
     }
 }
 
-/// Merges a nexus's report into the record; returns what changed. Pure, so it is tested
-/// without a store.
+/// Merges the report of the nexus of `epoch` into the record; returns what changed. Pure, so
+/// it is tested without a store.
 pub fn apply_report(
     record: &mut VolumeRecord,
     reports: &[ChildReport],
+    epoch: u64,
     now: u64,
 ) -> Vec<ChildChange> {
     let mut changes = Vec::new();
@@ -197,6 +198,7 @@ pub fn apply_report(
         let prev_state = prev.as_ref().map_or(ChildHealth::Online, |c| c.state);
         let prev_needs = prev.as_ref().and_then(|c| c.needs);
         let last_rebuild = prev.as_ref().and_then(|c| c.last_rebuild);
+        let prev_out = prev.as_ref().map_or(0, |c| c.out_epoch);
         let since = |same: bool| if same { prev.as_ref().map_or(now, |c| c.since_ms) } else { now };
         match rep.state {
             ChildHealth::Online => {
@@ -217,6 +219,7 @@ pub fn apply_report(
                         reason: None,
                         needs: None,
                         since_ms: now,
+                        out_epoch: 0,
                         last_rebuild: Some(info),
                     },
                 );
@@ -233,6 +236,9 @@ pub fn apply_report(
                         reason: Some(reason),
                         needs: Some(needs),
                         since_ms: since(same),
+                        // This nexus wrote to it until now (online or rebuilding); it is the
+                        // one whose claim makes the dirty-region log enough.
+                        out_epoch: if same { prev_out } else { epoch },
                         last_rebuild,
                     },
                 );
@@ -250,6 +256,7 @@ pub fn apply_report(
                         reason: None,
                         needs: Some(kind),
                         since_ms: since(same),
+                        out_epoch: prev_out,
                         last_rebuild,
                     },
                 );
@@ -293,9 +300,8 @@ impl Registry {
             .volume_record(&vid)
             .ok_or_else(|| MembershipError::UnknownVolume(req.volume_uuid.clone()))?;
         check_epoch(&record, req.epoch)?;
-        let new_live = self.state.read().live_epochs.get(&vid) != Some(&req.epoch);
         let before: BTreeSet<ReplicaId> = record.online_replicas();
-        let changes = apply_report(&mut record, &reports, now);
+        let changes = apply_report(&mut record, &reports, req.epoch, now);
         let after = record.online_replicas();
         let membership_changed = before != after;
         if membership_changed {
@@ -303,7 +309,7 @@ impl Registry {
         }
         // Only when every replica is current again may the regions they missed be forgotten.
         let clear = req.clear_dirty && after.len() == record.replicas.len();
-        if changes.is_empty() && !membership_changed && !clear && !new_live {
+        if changes.is_empty() && !membership_changed && !clear {
             return Ok(record.generation); // a repeat: nothing to write
         }
         let key = records::volume_key(&vid);
@@ -312,19 +318,8 @@ impl Registry {
         if clear {
             txn = txn.delete(records::dirty_key(&vid));
         }
-        if new_live {
-            // The first record of a new nexus: from now on it is the one that ran.
-            let key = records::live_epoch_key(&vid);
-            let live =
-                records::LiveEpochRecord { version: records::RECORD_VERSION, epoch: req.epoch };
-            txn = txn.put(key.clone(), records::encode(&key, &live).map_err(ControlError::from)?);
-        }
         self.store.txn(txn).await.map_err(ControlError::from)?;
-        {
-            let mut st = self.state.write();
-            st.volumes.insert(vid, record.clone());
-            st.live_epochs.insert(vid, req.epoch);
-        }
+        self.state.write().volumes.insert(vid, record.clone());
         drop(_record);
         tracing::debug!(volume = %vid, node = ?node, generation = record.generation, "children recorded");
         for c in &changes {
@@ -424,7 +419,7 @@ mod tests {
         let (a, b) = (v.replicas[0].id, v.replicas[1].id);
         let all_online =
             [report(a, ChildHealth::Online, None), report(b, ChildHealth::Online, None)];
-        assert!(apply_report(&mut v, &all_online, 1).is_empty(), "nothing changed");
+        assert!(apply_report(&mut v, &all_online, 1, 1).is_empty(), "nothing changed");
         assert!(v.children.is_empty());
 
         let changes = apply_report(
@@ -433,6 +428,7 @@ mod tests {
                 report(a, ChildHealth::Online, None),
                 report(b, ChildHealth::Faulted, Some(RebuildKind::Partial)),
             ],
+            1,
             10,
         );
         assert_eq!(
@@ -444,12 +440,15 @@ mod tests {
             }]
         );
         assert_eq!(v.online_replicas().into_iter().collect::<Vec<_>>(), [a]);
-        // Repeating the same report keeps the time it faulted (the replacement timer).
-        apply_report(&mut v, &[report(b, ChildHealth::Faulted, None)], 99);
+        assert_eq!(v.children[&b].out_epoch, 1, "recorded out by the nexus of epoch 1");
+        // Repeating the same report (even from a later nexus) keeps the time it faulted (the
+        // replacement timer) and the nexus that faulted it.
+        apply_report(&mut v, &[report(b, ChildHealth::Faulted, None)], 2, 99);
         assert_eq!(v.children[&b].since_ms, 10);
+        assert_eq!(v.children[&b].out_epoch, 1);
         assert_eq!(v.children[&b].needs, Some(RebuildKind::Partial));
 
-        let changes = apply_report(&mut v, &[report(b, ChildHealth::Rebuilding, None)], 20);
+        let changes = apply_report(&mut v, &[report(b, ChildHealth::Rebuilding, None)], 1, 20);
         assert_eq!(
             changes,
             [ChildChange::RebuildStarted { replica: b, kind: RebuildKind::Partial }]
@@ -457,7 +456,7 @@ mod tests {
         let mut done = report(b, ChildHealth::Online, None);
         done.copied_bytes = 3 << 20;
         done.millis = 42;
-        let changes = apply_report(&mut v, &[done], 30);
+        let changes = apply_report(&mut v, &[done], 1, 30);
         let info =
             RebuildInfo { kind: RebuildKind::Partial, copied: ByteSize::mib(3), duration_ms: 42 };
         assert_eq!(changes, [ChildChange::RebuildFinished { replica: b, info }]);
@@ -474,6 +473,7 @@ mod tests {
         let changes = apply_report(
             &mut v,
             &[report(a, ChildHealth::Online, None), report(stranger, ChildHealth::Online, None)],
+            1,
             9,
         );
         assert!(changes.is_empty());

@@ -86,10 +86,6 @@ pub struct State {
     /// Why a published volume has no nexus although its node is up (e.g. the replicas it
     /// waits for), set by the reconciler; the volume shows `faulted` with this message.
     pub volume_messages: HashMap<VolumeId, String>,
-    /// Per volume, the epoch of the newest nexus whose membership record was accepted: the
-    /// newest nexus that actually ran (creation attempts that failed bump the stored epoch
-    /// too, but never served). Mirrors `live-epochs/`.
-    pub live_epochs: HashMap<VolumeId, u64>,
 }
 
 impl State {
@@ -103,12 +99,6 @@ impl State {
     pub fn touched(&mut self, node: &NodeId) -> Option<&mut Observation> {
         *self.epochs.entry(node.clone()).or_default() += 1;
         self.observed.get_mut(node)
-    }
-
-    /// The epoch of the newest nexus of `v` that ran; the volume's epoch (never lower) for a
-    /// volume recorded before this was kept.
-    pub fn live_epoch(&self, v: &VolumeRecord) -> u64 {
-        self.live_epochs.get(&v.id).copied().unwrap_or(v.epoch)
     }
 
     pub fn epoch(&self, node: &NodeId) -> u64 {
@@ -175,12 +165,6 @@ impl Registry {
         for (key, v) in store.list(records::VOLUMES).await? {
             let record: VolumeRecord = records::decode(&key, &v.value)?;
             state.volumes.insert(record.id, record);
-        }
-        for (key, v) in store.list(records::LIVE_EPOCHS).await? {
-            if let Ok(id) = key.trim_start_matches(records::LIVE_EPOCHS).parse::<VolumeId>() {
-                let record: records::LiveEpochRecord = records::decode(&key, &v.value)?;
-                state.live_epochs.insert(id, record.epoch);
-            }
         }
         for (key, _) in store.list(records::TOMBSTONES).await? {
             if let Ok(id) = key.trim_start_matches(records::TOMBSTONES).parse::<VolumeId>() {
@@ -293,13 +277,11 @@ impl Registry {
             .delete(records::volume_key(&record.id))
             .delete(records::volume_name_key(&record.name))
             .delete(records::dirty_key(&record.id))
-            .delete(records::live_epoch_key(&record.id))
             .put(tomb_key.clone(), records::encode(&tomb_key, &tomb)?);
         self.store.txn(txn).await?;
         let mut st = self.state.write();
         st.volumes.remove(&record.id);
         st.volume_messages.remove(&record.id);
-        st.live_epochs.remove(&record.id);
         st.tombstones.insert(record.id);
         drop(st);
         self.forget_volume_lock(&record.id);

@@ -14,7 +14,6 @@
 //!                            deleted volume from one this store never knew)
 //!   dirty/<volume uuid>      DirtyRecord (the dirty-region log; its own key so that MarkDirty
 //!                            does not rewrite the volume)
-//!   live-epochs/<volume uuid> LiveEpochRecord (the epoch of the newest nexus that ran)
 //!   events/<seq, 20 digits>  EventRecord
 //! ```
 //!
@@ -39,7 +38,6 @@ pub const VOLUME_NAMES: &str = "volume-names/";
 pub const EVENTS: &str = "events/";
 pub const TOMBSTONES: &str = "tombstones/";
 pub const DIRTY: &str = "dirty/";
-pub const LIVE_EPOCHS: &str = "live-epochs/";
 
 /// Why a stored record could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -171,6 +169,11 @@ pub struct ChildStatusRecord {
     /// Milliseconds since the Unix epoch when it entered `state` (the replacement timer).
     #[serde(default)]
     pub since_ms: u64,
+    /// The epoch of the nexus that recorded it faulted after writing to it (online or
+    /// rebuilding): from then on that nexus no longer writes to it. See
+    /// [`VolumeRecord::join_needs`].
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub out_epoch: u64,
     /// The last rebuild of this replica that finished.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_rebuild: Option<RebuildInfo>,
@@ -184,9 +187,14 @@ impl ChildStatusRecord {
             reason: None,
             needs: Some(RebuildKind::Full),
             since_ms: now_ms,
+            out_epoch: 0,
             last_rebuild: None,
         }
     }
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -246,21 +254,18 @@ impl VolumeRecord {
 
     /// What a replica that is not current needs to (re)join a nexus of this volume: what its
     /// entry says — except that a replica whose last claim (`claimed`, the epoch its engine
-    /// reports) is older than `live_epoch` (the newest nexus that ran, see
-    /// `State::live_epoch`) needs a full rebuild. That nexus never fenced it, so an older one
-    /// (frozen or cut off while the volume was republished) may have written to it after its
-    /// writes stopped reaching the other replicas and the dirty-region log; only a full copy
-    /// (which also zeroes what the source does not hold) undoes that. `None` for a current
-    /// replica.
-    pub fn join_needs(
-        &self,
-        id: &ReplicaId,
-        claimed: Option<u64>,
-        live_epoch: u64,
-    ) -> Option<RebuildKind> {
+    /// reports) is older than the nexus that recorded it out (`out_epoch`) needs a full
+    /// rebuild. The nexus that recorded it faulted never claimed it, so the older nexus that
+    /// did (frozen or cut off while the volume was republished) may still have been writing to
+    /// it, outside the other replicas and the dirty-region log; only a full copy (which also
+    /// zeroes what the source does not hold) undoes that. A replica faulted by the nexus that
+    /// claimed it got no write from it after the fault: the log covers what it missed.
+    /// `None` for a current replica.
+    pub fn join_needs(&self, id: &ReplicaId, claimed: Option<u64>) -> Option<RebuildKind> {
         let needs = self.child_needs(id)?;
+        let out = self.children.get(id).map_or(0, |c| c.out_epoch);
         match claimed {
-            Some(epoch) if epoch < live_epoch => Some(RebuildKind::Full),
+            Some(epoch) if epoch < out => Some(RebuildKind::Full),
             _ => Some(needs),
         }
     }
@@ -359,16 +364,6 @@ mod hex_bytes {
     }
 }
 
-/// `live-epochs/<volume uuid>`: the epoch of the newest nexus of the volume whose membership
-/// record was accepted — the newest nexus that actually served (a failed creation takes an
-/// epoch too, but never serves). A replica claimed with an older epoch may hold writes no
-/// log covers (see [`VolumeRecord::join_needs`]).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LiveEpochRecord {
-    pub version: u32,
-    pub epoch: u64,
-}
-
 /// `volume-names/<name>`: which volume holds a name.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NameRecord {
@@ -408,9 +403,6 @@ pub fn tombstone_key(id: &VolumeId) -> String {
 }
 pub fn dirty_key(id: &VolumeId) -> String {
     format!("{DIRTY}{id}")
-}
-pub fn live_epoch_key(id: &VolumeId) -> String {
-    format!("{LIVE_EPOCHS}{id}")
 }
 pub fn event_key(seq: u64) -> String {
     format!("{EVENTS}{seq:020}")
@@ -492,6 +484,7 @@ mod tests {
         "children": {
             "1c8f7b54-3e8f-4a1b-9b66-8a9fae1d2c3b": {
                 "state": "faulted", "reason": "timeout", "needs": "partial", "since_ms": 5,
+                "out_epoch": 6,
                 "last_rebuild": {"kind": "full", "copied": 4096, "duration_ms": 12}
             }
         }
@@ -506,21 +499,20 @@ mod tests {
         assert_eq!(v.child_health(&faulted), ChildHealth::Faulted);
         assert_eq!(v.child_needs(&faulted), Some(RebuildKind::Partial));
         assert_eq!(v.child_needs(&online), None);
-        // Claimed by the newest nexus that ran (epoch 7): what it recorded; only by an older
-        // one: full.
-        assert_eq!(v.join_needs(&faulted, Some(7), 7), Some(RebuildKind::Partial));
-        assert_eq!(v.join_needs(&faulted, None, 7), Some(RebuildKind::Partial));
-        assert_eq!(v.join_needs(&faulted, Some(6), 7), Some(RebuildKind::Full));
-        assert_eq!(v.join_needs(&faulted, Some(6), 6), Some(RebuildKind::Partial));
-        assert_eq!(v.join_needs(&online, Some(1), 7), None);
+        // Recorded out by the nexus of epoch 6: claimed by it (or later), what it recorded;
+        // claimed only by an older one, full.
+        assert_eq!(v.children[&faulted].out_epoch, 6);
+        assert_eq!(v.join_needs(&faulted, Some(6)), Some(RebuildKind::Partial));
+        assert_eq!(v.join_needs(&faulted, Some(7)), Some(RebuildKind::Partial));
+        assert_eq!(v.join_needs(&faulted, None), Some(RebuildKind::Partial));
+        assert_eq!(v.join_needs(&faulted, Some(5)), Some(RebuildKind::Full));
+        assert_eq!(v.join_needs(&online, Some(1)), None);
         assert_eq!(v.online_replicas().into_iter().collect::<Vec<_>>(), [online]);
         let c = &v.children[&faulted];
         assert_eq!(c.reason, Some(FaultReason::Timeout));
         assert_eq!(c.last_rebuild.map(|r| r.copied), Some(ByteSize::kib(4)));
         let back: VolumeRecord = decode("k", &encode("k", &v).unwrap()).unwrap();
         assert_eq!(v, back);
-        let l: LiveEpochRecord = decode("k", br#"{"version":1,"epoch":6}"#).unwrap();
-        assert_eq!(l.epoch, 6);
         let d: DirtyRecord =
             decode("k", br#"{"version":1,"region_bytes":1048576,"regions":"0580"}"#).unwrap();
         assert!(d.is_set(0) && d.is_set(2) && d.is_set(15) && !d.is_set(1) && !d.is_set(99));

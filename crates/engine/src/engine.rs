@@ -16,9 +16,9 @@ pub use nexuses::{ChildRequest, NexusRequest};
 
 use crate::error::EngineError;
 use crate::nexus::recorder::NoRecorder;
+use crate::nexus::remote::{RemoteChild, RemoteOptions};
 use crate::nexus::{Nexus, RebuildLimits, Recorder};
 use crate::pools::{PoolView, Pools};
-use crate::remote::{RemoteChild, RemoteOptions};
 use crate::share::{Shares, nexus_export_name};
 
 /// What every nexus of this engine is created with.

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use trireme_pool::PoolError;
 use trireme_types::{PoolId, ReplicaId, VolumeId};
 
+use crate::nexus::remote::RemoteUriError;
 use crate::nexus::{ChildError, ChildUriError, NexusError};
-use crate::remote::RemoteUriError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {

@@ -14,9 +14,9 @@ use trireme_types::{ByteSize, ChildState, IdError, NexusState, PoolId, ReplicaId
 use crate::engine::{ChildRequest, Engine, NexusRequest};
 use crate::error::EngineError;
 use crate::nexus::recorder::RecordError;
+use crate::nexus::remote::remote_replica;
 use crate::nexus::{ChildUri, DirtyLog, Join, Nexus, NexusError};
 use crate::pools::{PoolStatus, PoolView};
-use crate::remote::remote_replica;
 
 /// Sizes of replicas and nexuses are whole 512-byte sectors.
 const SECTOR: u64 = 512;

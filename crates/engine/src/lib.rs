@@ -34,10 +34,6 @@ pub mod nexus;
 mod pools;
 mod recorder_grpc;
 mod registration;
-// The remote child belongs with the other children in `nexus/`; declared from here until
-// `nexus/mod.rs` declares it (then `crate::remote` becomes `crate::nexus::remote`).
-#[path = "nexus/remote.rs"]
-pub mod remote;
 mod share;
 
 use std::net::SocketAddr;
@@ -107,7 +103,7 @@ fn lock_state_dir(dir: &std::path::Path) -> anyhow::Result<Flock<std::fs::File>>
 /// the rebuild limits, and the recorder (control's Registry, or nowhere without `--control`).
 fn nexus_settings(args: &EngineArgs) -> anyhow::Result<NexusSettings> {
     let io_timeout = Duration::from_millis(args.child_timeout_ms);
-    let remote = remote::RemoteOptions {
+    let remote = nexus::remote::RemoteOptions {
         connect_timeout: REMOTE_CONNECT_TIMEOUT.min(io_timeout),
         io_timeout,
     };

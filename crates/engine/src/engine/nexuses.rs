@@ -21,10 +21,10 @@ use trireme_types::{ByteSize, FaultReason, ReplicaId, VolumeId};
 
 use super::Engine;
 use crate::error::EngineError;
+use crate::nexus::remote::{RemoteChild, remote_replica};
 use crate::nexus::{
     Child, ChildError, ChildUri, DirtyLog, Join, LocalChild, NewChild, Nexus, NexusConfig,
 };
-use crate::remote::{RemoteChild, remote_replica};
 use crate::share::nexus_export_name;
 
 /// One child of a nexus to create or add.

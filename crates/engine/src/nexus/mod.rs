@@ -40,6 +40,7 @@ mod persist;
 mod range_lock;
 mod rebuild;
 pub mod recorder;
+pub mod remote;
 mod state;
 #[cfg(test)]
 pub(crate) mod testing;

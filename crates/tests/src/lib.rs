@@ -18,6 +18,8 @@
 //! Environment: `TRIREME_BIN` (the binary under test; default `<target>/debug/trireme`),
 //! `TRIREME_TEST_TMPDIR` (where clusters live; default the system temp dir — it must support
 //! `O_DIRECT`, so not tmpfs), `TRIREME_TEST_KEEP=1` (keep a failed test's data dir and logs).
+//! The [`hosts`] tests (`tests/hosts.rs`, `tests/replication.rs`, `tests/soak.rs`) need root:
+//! they create network namespaces, a bridge, veth pairs, loop devices and FUSE mounts.
 //!
 //! ```text
 //!  tests/*.rs ── Cluster ──spawn──> trireme up ──> control + engines

@@ -173,8 +173,8 @@ async fn errors_are_one_sentence_on_stderr() {
     let out = c.cli(&["volume", "create", "v2", "--size", "16MiB", "--replicas", "2"]).await;
     let err = assert_one_sentence_error(&out, "--replicas 2");
     assert!(
-        err.contains("not available yet"),
-        "--replicas 2 should say replication is not available yet: {err}"
+        err.contains("replica") && err.contains("node"),
+        "--replicas 2 on a 1-node cluster should say each replica needs its own node: {err}"
     );
     // Nothing was created by any of the failures.
     let vols: Vec<Volume> =

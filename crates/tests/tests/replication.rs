@@ -492,6 +492,9 @@ async fn a_frozen_old_nexus_thawed_after_republish_leaves_no_trace() {
         let f = if w.is_ok() { Some(o.flush().await) } else { None };
         (w, f)
     });
+    // Nothing observable says the request sits in the frozen engine's socket; a moment is
+    // enough for the kernel to queue it (and if it were not queued yet, the test would only
+    // be weaker, not wrong).
     tokio::time::sleep(Duration::from_millis(200)).await;
     h.signal_engine(0, nix::sys::signal::Signal::SIGCONT);
     let (wrote, flushed) = tokio::time::timeout(T, write).await.unwrap().unwrap();

@@ -1,7 +1,7 @@
 //! Rebuilds: bringing a `rebuilding` child up to date from an online one.
 //!
 //! ```text
-//!   for each region (Partial: the log's set regions; Full: every region)
+//!   for each region (Partial: the log's set regions; Full: every region), 4 at a time
 //!       exclusive region lock ──> source.allocation(region)
 //!           allocated runs: source.read ──> target.write     (counted in copied_bytes)
 //!           holes:          target.write_zeroes(may_trim)    (so a reused replica keeps no stale data)
@@ -25,6 +25,7 @@ use std::ops::Range;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt as _;
 use parking_lot::Mutex;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -38,6 +39,9 @@ use super::state::FaultOutcome;
 
 /// The largest single read/write of a copy.
 const COPY_CHUNK: u64 = 1 << 20;
+
+/// Regions one rebuild copies at once.
+const REGIONS_IN_FLIGHT: usize = 4;
 
 /// How many times a region is retried on another source after its source failed.
 const SOURCE_RETRIES: usize = 8;
@@ -181,35 +185,31 @@ pub(super) async fn run(nexus: Weak<Nexus>, job: Job, cancel: CancellationToken)
         (regions, layout, total)
     };
     let (mut done, mut copied) = (0u64, 0u64);
-    for region in regions.iter() {
+    // Several regions in flight: one region at a time leaves the disks idle between a read
+    // from the source and the write to the target (each region holds only its own lock, so
+    // copies never wait on each other, and client writes wait only for the region they hit).
+    let mut copies = futures::stream::iter(regions.iter())
+        .map(|region| copy_step(&nexus, &job, &cancel, layout.clone(), region))
+        .buffer_unordered(REGIONS_IN_FLIGHT);
+    while let Some(step) = copies.next().await {
+        let (span_len, region_copied) = match step {
+            Step::Copied { span_len, copied } => (span_len, copied),
+            Step::Skipped => continue,
+            Step::Stop => return,
+            Step::Failed(e) => {
+                drop(copies);
+                if let Some(n) = nexus.upgrade() {
+                    n.rebuild_failed(&job, e);
+                }
+                return;
+            }
+        };
         let Some(n) = nexus.upgrade() else { return };
-        if cancel.is_cancelled() || !n.children.lock().owns_rebuild(job.replica, job.id) {
-            return;
-        }
-        let span = layout.span(region, n.size.load(std::sync::atomic::Ordering::Acquire));
-        if span.is_empty() {
-            continue;
-        }
-        let result = tokio::select! {
-            _ = cancel.cancelled() => return,
-            r = async {
-                let _guard = n.ranges.exclusive(region).await;
-                copy_region(&n, &job, span.clone()).await
-            } => r,
-        };
-        let region_copied = match result {
-            Ok(c) => c,
-            Err(e) => return n.rebuild_failed(&job, e),
-        };
         copied += region_copied;
-        // Paid after the region is unlocked, so a slow limit never holds client writes up.
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = n.limits.throttle(region_copied) => {}
-        }
-        done += len(&span);
+        done += span_len;
         n.children.lock().set_progress(job.replica, job.id, done.min(total), total);
     }
+    drop(copies);
     let Some(n) = nexus.upgrade() else { return };
     let flushed = tokio::select! {
         _ = cancel.cancelled() => return,
@@ -226,6 +226,54 @@ pub(super) async fn run(nexus: Weak<Nexus>, job: Job, cancel: CancellationToken)
         tracing::info!(volume = %n.volume, replica = %job.replica, kind = ?job.kind,
             copied_bytes = copied, millis, "rebuild finished, child online");
     }
+}
+
+/// What one region's copy came to.
+enum Step {
+    Copied {
+        span_len: u64,
+        copied: u64,
+    },
+    /// Past the end of a shrunk span: nothing to copy.
+    Skipped,
+    /// Cancelled, or the rebuild is no longer this job's: end quietly.
+    Stop,
+    Failed(CopyError),
+}
+
+/// Copies one region under its exclusive lock, then pays the bandwidth limit for it.
+async fn copy_step(
+    nexus: &Weak<Nexus>,
+    job: &Job,
+    cancel: &CancellationToken,
+    layout: DirtyLog,
+    region: u64,
+) -> Step {
+    let Some(n) = nexus.upgrade() else { return Step::Stop };
+    if cancel.is_cancelled() || !n.children.lock().owns_rebuild(job.replica, job.id) {
+        return Step::Stop;
+    }
+    let span = layout.span(region, n.size.load(std::sync::atomic::Ordering::Acquire));
+    if span.is_empty() {
+        return Step::Skipped;
+    }
+    let result = tokio::select! {
+        _ = cancel.cancelled() => return Step::Stop,
+        r = async {
+            let _guard = n.ranges.exclusive(region).await;
+            copy_region(&n, job, span.clone()).await
+        } => r,
+    };
+    let copied = match result {
+        Ok(c) => c,
+        Err(e) => return Step::Failed(e),
+    };
+    // Paid after the region is unlocked, so a slow limit never holds client writes up.
+    tokio::select! {
+        _ = cancel.cancelled() => return Step::Stop,
+        _ = n.limits.throttle(copied) => {}
+    }
+    Step::Copied { span_len: len(&span), copied }
 }
 
 fn len(r: &Range<u64>) -> u64 {

@@ -338,13 +338,20 @@ async fn removing_or_closing_cancels_a_rebuild() {
 
 #[tokio::test]
 async fn a_rebuild_goes_on_from_another_online_child_when_its_source_fails() {
-    let (first, second, target) = (mem(), Arc::new(MemChild::remote(SIZE)), mem());
+    // Many more regions than a rebuild copies at once, so most are still to come when the
+    // first source fails.
+    const BIG: u64 = 32 * MIB;
+    let (first, second, target) = (
+        Arc::new(MemChild::new(BIG)),
+        Arc::new(MemChild::remote(BIG)),
+        Arc::new(MemChild::new(BIG)),
+    );
     for c in [&first, &second] {
-        fill(c, &(0..8).collect::<Vec<_>>(), 9);
+        fill(c, &(0..32).collect::<Vec<_>>(), 9);
     }
     first.read_delay_us.store(100_000, Ordering::SeqCst);
     let n = started(
-        SIZE,
+        BIG,
         &[(first.clone(), Join::Online), (second.clone(), Join::Online)],
         Arc::new(TestRecorder::default()),
         DirtyLog::default(),
@@ -356,10 +363,7 @@ async fn a_rebuild_goes_on_from_another_online_child_when_its_source_fails() {
     first.fail.store(true, Ordering::SeqCst);
     let summary = until_online(&n, &target).await;
     assert!(matches!(info(&n, first.replica_id()).state, ChildState::Faulted { .. }));
-    assert_eq!(
-        summary.copied_bytes, SIZE,
-        "every region copied once, from one source or the other"
-    );
+    assert_eq!(summary.copied_bytes, BIG, "every region copied once, from one source or the other");
     assert!(target.all() == second.all());
 }
 

@@ -651,3 +651,34 @@ async fn two_replicas_lost_io_goes_on_with_the_last_one() {
     assert_partial(&i2, "second replica back");
     compare_replicas(&h, VOL).await;
 }
+
+/// A clean stop of the nexus's engine closes its pools (a final checkpoint) even when control
+/// is gone at the same moment, as when `trireme up` stops everything: the engine must not wait
+/// on a recorder that cannot answer until it is killed, leaving its pools to journal replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_stopped_while_control_is_down_still_closes_its_pools() {
+    let (mut h, uri) = start(HostsConfig::new(3)).await;
+    let fio = FioLoop::start(&uri, FIO_OFF, FIO_LEN);
+    fio.wait_runs(1, T).await;
+    fio.stop_ok("before the stop").await;
+    h.kill_control();
+    // `trireme up` gives its children 10 s after SIGTERM before it kills them.
+    let started = std::time::Instant::now();
+    let status = h.stop_engine(0, Duration::from_secs(10)).await;
+    eprintln!("the engine stopped in {:?}: {status:?}", started.elapsed());
+    let closed = h.engine_log_lines(0, "pool closed");
+    assert!(
+        status.is_some_and(|s| s.success()) && !closed.is_empty(),
+        "SIGTERM to the nexus's engine with control down: exit {status:?} within 10s, \
+         'pool closed' logged {} times; its last lines:\n{}",
+        closed.len(),
+        h.engine_log_lines(0, "")
+            .iter()
+            .rev()
+            .take(15)
+            .rev()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}

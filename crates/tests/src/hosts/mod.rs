@@ -432,6 +432,45 @@ impl Hosts {
         c.wait().ok();
     }
 
+    /// SIGTERM to engine `i`: waits (up to `timeout`) for it to exit and returns its status,
+    /// or `None` if it was still running then (it is SIGKILLed in that case).
+    pub async fn stop_engine(
+        &mut self,
+        i: usize,
+        timeout: Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let mut c =
+            self.engines[i].child.take().unwrap_or_else(|| panic!("engine {i} is not running"));
+        procs::signal(c.id() as i32, Signal::SIGTERM);
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = c.try_wait() {
+                return Some(status);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                c.kill().ok();
+                c.wait().ok();
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// SIGKILL to control (engines keep running, unrecorded changes wait for it).
+    pub fn kill_control(&mut self) {
+        if let Some(mut c) = self.control.take() {
+            c.kill().ok();
+            c.wait().ok();
+        }
+    }
+
+    /// Starts control again on the same data dir and waits until it answers.
+    pub async fn restart_control(&mut self) {
+        assert!(self.control.is_none(), "control is running");
+        self.start_control();
+        self.wait_control().await;
+    }
+
     /// Freezes (SIGSTOP) or thaws (SIGCONT) engine `i`.
     pub fn signal_engine(&self, i: usize, sig: Signal) {
         let pid = self.engine_pid(i).unwrap_or_else(|| panic!("engine {i} is not running"));

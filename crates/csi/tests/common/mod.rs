@@ -20,9 +20,8 @@ use trireme_csi::proto::volume_capability::{
 };
 use trireme_csi::proto::*;
 
-/// Replicas of the volumes the mount tests create. 1 until control serves replicated
-/// volumes; then 3.
-pub const REPLICAS: u8 = 1;
+/// Replicas of the volumes the mount tests create: one on each node of the `up` cluster.
+pub const REPLICAS: u8 = 3;
 pub const NODE_ID: &str = "node-1";
 pub const MIB: i64 = 1 << 20;
 
@@ -225,6 +224,15 @@ impl Env {
             .into_inner()
             .volume
             .unwrap();
+        if let Backend::Real(cluster) = &self.backend {
+            // The volume really is replicated: one replica on each of REPLICAS distinct nodes.
+            let got = cluster.client.volume(&v.volume_id).await.unwrap();
+            let mut nodes: Vec<_> = got.status.replicas.iter().map(|r| r.node.clone()).collect();
+            nodes.sort();
+            nodes.dedup();
+            assert_eq!(got.spec.replicas, REPLICAS);
+            assert_eq!(nodes.len(), usize::from(REPLICAS), "replicas on distinct nodes: {got:?}");
+        }
         // Run the node plugin as the node the volume is accessible from, as kubelet would.
         if let Some(node) = Self::node_for(&v).filter(|n| *n != self.node_id) {
             self.node_id = node;

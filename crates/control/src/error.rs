@@ -34,15 +34,8 @@ pub enum ControlError {
     /// The body is JSON but does not describe a valid request.
     #[error("{detail}")]
     InvalidBody { detail: String },
-    #[error("replication is not available yet: volumes have exactly one replica")]
-    ReplicationUnavailable,
     #[error("volume {volume} is {current}; it can only grow, not shrink to {requested}")]
     Shrink { volume: Name, current: ByteSize, requested: ByteSize },
-    #[error(
-        "volume {volume} can only be published on {replica_node}, the node holding its replica, \
-         until remote children arrive; {requested} was asked for"
-    )]
-    RemotePublish { volume: VolumeId, replica_node: NodeId, requested: NodeId },
 
     #[error("volume {name:?} already exists with a different spec: {difference}")]
     VolumeConflict { name: String, difference: String },
@@ -86,11 +79,7 @@ impl ControlError {
             MethodNotAllowed { .. } => (StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed"),
             MalformedBody { .. } => (StatusCode::BAD_REQUEST, "malformed-body"),
             InvalidBody { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "invalid-body"),
-            ReplicationUnavailable => (StatusCode::UNPROCESSABLE_ENTITY, "replication-unavailable"),
             Shrink { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "shrink-not-supported"),
-            RemotePublish { .. } => {
-                (StatusCode::UNPROCESSABLE_ENTITY, "remote-publish-unavailable")
-            }
             VolumeConflict { .. } | PoolConflict { .. } => (StatusCode::CONFLICT, "conflict"),
             PoolInUse { .. } => (StatusCode::CONFLICT, "pool-in-use"),
             AlreadyPublished { .. } => (StatusCode::CONFLICT, "already-published"),
@@ -169,8 +158,5 @@ mod tests {
         assert_eq!(p.status, 404);
         assert_eq!(p.kind, "trireme:not-found");
         assert_eq!(p.detail, "volume \"vol-9\" not found");
-        let p = ControlError::ReplicationUnavailable.to_problem();
-        assert_eq!(p.status, 422);
-        assert!(p.detail.contains("replication is not available yet"));
     }
 }

@@ -66,6 +66,9 @@ use recorder::{MembershipRecord, NoRecorder, RecordError};
 use state::{AddOutcome, ChildTable, Slot};
 pub use state::{FaultOutcome, RemoveOutcome};
 
+/// How long closing waits to record a clean shutdown.
+const CLEAN_RECORD_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// How long `close` waits for the nexus's tasks to notice they were cancelled.
 const TASK_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -504,10 +507,21 @@ impl Nexus {
         }
         let mut result = flushed;
         if self.started.load(Ordering::Acquire) && !self.is_stopped() {
+            // Bounded well below the recorder's own retries: the flag only spares a later
+            // nexus some work, and an engine stopping while control is away must still close
+            // its pools (their final checkpoint) within its supervisor's grace period.
             let (_, record) = self.membership_record(true);
-            if let Err(e) = self.recorder.record_children(record).await {
-                tracing::warn!(volume = %self.volume, error = %e, "recording the clean shutdown failed");
-                result = result.and(Err(ExportError::Io(e.to_string())));
+            match tokio::time::timeout(CLEAN_RECORD_TIMEOUT, self.recorder.record_children(record))
+                .await
+            {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(volume = %self.volume, error = %e, "recording the clean shutdown failed");
+                    result = result.and(Err(ExportError::Io(e.to_string())));
+                }
+                Err(_) => {
+                    tracing::warn!(volume = %self.volume, "recording the clean shutdown timed out");
+                }
             }
         }
         tracing::info!(volume = %self.volume, "nexus closed");

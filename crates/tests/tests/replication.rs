@@ -145,12 +145,14 @@ async fn replica_outage(outage: Outage) {
     wait_faulted(&h, &r).await;
     // Writes land while the replica is out.
     fio.wait_runs(2, T).await;
+    let healed = std::time::Instant::now();
     match outage {
         Outage::Kill => h.restart(victim).await,
         Outage::Link => h.heal_link(victim),
         Outage::Disk => h.heal_disk(victim),
     }
     let info = wait_rebuilt(&h, &r).await;
+    eprintln!("{outage:?}: back online {:?} after the repair", healed.elapsed());
     // And I/O goes on with every child back.
     fio.wait_runs(1, T).await;
     let runs = fio.stop_ok(&format!("{outage:?} outage of host {victim}")).await;

@@ -44,15 +44,19 @@ async fn soak_random_fault_rounds() {
         ck.wait_flushes(10, T).await;
         let fault = rng.random_range(0..4u8);
         let replica_host = rng.random_range(1..3usize);
+        let victim = h.replica_on(VOL, replica_host).await.id;
+        let since = h.last_event().await;
         let what = match fault {
             0 => {
                 h.kill9(replica_host);
+                wait_faulted(&h, &victim).await;
                 ck.wait_flushes(10, T).await;
                 h.restart(replica_host).await;
                 format!("SIGKILL host {replica_host}")
             }
             1 => {
                 h.cut_link(replica_host);
+                wait_faulted(&h, &victim).await;
                 let d = rng.random_range(1..8u64);
                 // Writes go on during the outage; the outage lasts a random number of flushes.
                 ck.wait_flushes(10 * d as u32, T).await;
@@ -85,6 +89,27 @@ async fn soak_random_fault_rounds() {
             if online == 3 { Ok(()) } else { Err(format!("{online} online")) }
         })
         .await;
+        if fault < 2 {
+            // The status may still show the old picture for a moment: wait for the rebuild's
+            // event, then for every child online again.
+            let rid = victim.to_string();
+            trireme_tests::tools::wait_for("the returning replica's rebuild", T, || async {
+                let events = h.events_after(since).await;
+                if events.iter().any(|e| e.reason == "rebuild_finished" && e.message.contains(&rid))
+                {
+                    Ok(())
+                } else {
+                    Err("no rebuild_finished event for it yet".to_owned())
+                }
+            })
+            .await;
+            h.wait_volume(VOL, "every child online", T, |v| {
+                let t = v.status.target.as_ref().ok_or("no target")?;
+                let online = t.children.iter().filter(|c| c.state == ChildState::Online).count();
+                if online == 3 { Ok(()) } else { Err(format!("{online} online")) }
+            })
+            .await;
+        }
         let summary = checker_verify(&uri, &log).await;
         if fault < 2 {
             // The nexus never went down: the rebuilt replica must equal the others. (After a
@@ -105,4 +130,15 @@ async fn soak_random_fault_rounds() {
         "soak: survived {rounds} fault rounds in {:.0}s (seed {seed})",
         started.elapsed().as_secs_f64()
     );
+}
+
+async fn wait_faulted(h: &Hosts, r: &trireme_types::ReplicaId) {
+    h.wait_volume(VOL, &format!("child {r} faulted"), T, |v| {
+        let t = v.status.target.as_ref().ok_or("no target")?;
+        match t.children.iter().find(|c| &c.replica == r).map(|c| &c.state) {
+            Some(ChildState::Faulted { .. }) => Ok(()),
+            other => Err(format!("child is {other:?}")),
+        }
+    })
+    .await
 }

@@ -6,7 +6,8 @@
 #                        [--dir /var/tmp/trireme-bench-repl]
 #
 # Cluster: `trireme up --nodes 3` (control and three engines on loopback, pools on files in
-# --dir). fio's nbd engine drives every target.
+# --dir). fio's nbd engine drives every target. Needs about 3 × (2 × --size + --rebuild-size)
+# of free disk while it runs; the images are deleted at the end.
 # Rows: 4k randwrite QD32, 4k randwrite QD1, 1M write QD8, 4k randread QD32 — each on the
 #   3-replica volume, the 1-replica volume and qemu-nbd (--cache=none --aio=io_uring).
 #   Each cell is the median of --repeat runs; the 3/1 ratio is printed per row.
@@ -58,6 +59,9 @@ cleanup() {
   [ -n "$stopped" ] && kill -CONT "$stopped" 2>/dev/null || true
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  # The pools and images take several times --rebuild-size of real disk: keep only the logs
+  # and fio's JSON.
+  find "$dir" -name '*.img' -delete 2>/dev/null || true
 }
 trap cleanup EXIT
 

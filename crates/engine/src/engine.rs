@@ -21,6 +21,9 @@ use crate::nexus::{Nexus, RebuildLimits, Recorder};
 use crate::pools::{PoolView, Pools};
 use crate::share::{Shares, nexus_export_name};
 
+/// How long shutdown waits for one nexus to flush and record its clean shutdown.
+const NEXUS_CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(6);
+
 /// What every nexus of this engine is created with.
 #[derive(Clone)]
 pub struct NexusSettings {
@@ -243,8 +246,14 @@ impl Engine {
         let nexuses: Vec<_> = std::mem::take(&mut *self.nexuses.lock()).into_values().collect();
         let closes = nexuses.into_iter().map(|n| async move {
             self.shares.remove(&nexus_export_name(n.volume()));
-            if let Err(e) = n.close().await {
-                tracing::warn!(volume = %n.volume(), error = %e, "flushing the nexus at shutdown failed");
+            // Bounded, so the pools below still get their final checkpoint within a
+            // supervisor's grace period when children or control do not answer.
+            match tokio::time::timeout(NEXUS_CLOSE_TIMEOUT, n.close()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(volume = %n.volume(), error = %e, "flushing the nexus at shutdown failed")
+                }
+                Err(_) => tracing::warn!(volume = %n.volume(), "closing the nexus timed out"),
             }
         });
         futures::future::join_all(closes).await;

@@ -112,10 +112,13 @@ async fn run_cluster(args: UpArgs, shutdown: CancellationToken) -> Result<(), Up
     let stop = shutdown.child_token();
     let tasks = TaskTracker::new();
     tasks.spawn(state::write_on_change(state_rx, layout.state_file(), stop.clone()));
-    tasks.spawn(supervise::supervise(
+    // Control stops last: a stopping engine records its nexuses' clean shutdown through it,
+    // and with control gone first that record would only time out.
+    let control_stop = CancellationToken::new();
+    let control = tokio::spawn(supervise::supervise(
         control_spec(&binary, &layout, &ports, &args.child_env),
         state_tx.clone(),
-        stop.clone(),
+        control_stop.clone(),
     ));
 
     let api_url = http_url(ports.api);
@@ -138,6 +141,10 @@ async fn run_cluster(args: UpArgs, shutdown: CancellationToken) -> Result<(), Up
     stop.cancel();
     tasks.close();
     tasks.wait().await;
+    control_stop.cancel();
+    if let Err(e) = control.await {
+        tracing::warn!(error = %e, "the control supervisor panicked");
+    }
     // The file describes a running cluster; leaving it would hand out dead pids.
     if let Err(e) = std::fs::remove_file(layout.state_file())
         && e.kind() != std::io::ErrorKind::NotFound

@@ -15,7 +15,7 @@ use trireme_types::{
     ByteSize, ChildState, FaultReason, NexusState, NodeState, ReplicaId, VolumeState,
 };
 
-use super::records::{ReplicaRecord, VolumeRecord};
+use super::records::{ChildHealth, ReplicaRecord, VolumeRecord};
 use super::{NodeEntry, PoolEntry, State};
 
 pub fn node(entry: &NodeEntry) -> Node {
@@ -101,6 +101,21 @@ pub fn child_state(c: &rpc::Child) -> ChildState {
     }
 }
 
+/// A child's state as shown: the nexus's word, except that a child the store already
+/// records as faulted shows faulted. The nexus records a fault before it acknowledges the next
+/// write, but it is observed only at the next reconcile pass, so for a few seconds the
+/// observation can still say `online` about a child that is out.
+fn shown_child_state(v: &VolumeRecord, c: &rpc::Child) -> ChildState {
+    let observed = child_state(c);
+    let recorded = c.replica_uuid.parse::<ReplicaId>().ok().and_then(|id| v.children.get(&id));
+    match recorded {
+        Some(r) if r.state == ChildHealth::Faulted && observed == ChildState::Online => {
+            ChildState::Faulted { reason: r.reason.unwrap_or(FaultReason::IoError) }
+        }
+        _ => observed,
+    }
+}
+
 fn nexus_state(n: &rpc::Nexus) -> NexusState {
     match rpc::NexusState::try_from(n.state) {
         Ok(rpc::NexusState::Online) => NexusState::Online,
@@ -135,7 +150,8 @@ pub fn replica(st: &State, v: &VolumeRecord, r: &ReplicaRecord) -> Replica {
         },
     };
     let child = observed_nexus(st, v).and_then(|n| {
-        n.children.iter().find(|c| c.replica_uuid == r.id.to_string()).map(child_state)
+        let c = n.children.iter().find(|c| c.replica_uuid == r.id.to_string())?;
+        Some(shown_child_state(v, c))
     });
     Replica {
         id: r.id,
@@ -159,11 +175,8 @@ pub fn replica(st: &State, v: &VolumeRecord, r: &ReplicaRecord) -> Replica {
 pub fn volume(st: &State, v: &VolumeRecord) -> Volume {
     let nexus = observed_nexus(st, v);
     let target = match (nexus, &v.publish) {
-        (Some(n), Some(node)) if !n.share_uri.is_empty() => Some(Target {
-            node: node.clone(),
-            uri: n.share_uri.clone(),
-            state: nexus_state(n),
-            children: n
+        (Some(n), Some(node)) if !n.share_uri.is_empty() => {
+            let children: Vec<Child> = n
                 .children
                 .iter()
                 .filter_map(|c| {
@@ -171,12 +184,19 @@ pub fn volume(st: &State, v: &VolumeRecord) -> Volume {
                     Some(Child {
                         replica,
                         uri: c.uri.clone(),
-                        state: child_state(c),
+                        state: shown_child_state(v, c),
                         last_rebuild: last_rebuild(v, &replica, Some(c)),
                     })
                 })
-                .collect(),
-        }),
+                .collect();
+            let observed = nexus_state(n);
+            // A child shown faulted from the store's record also degrades the nexus.
+            let state = match observed {
+                NexusState::Online => NexusState::from_children(children.iter().map(|c| &c.state)),
+                other => other,
+            };
+            Some(Target { node: node.clone(), uri: n.share_uri.clone(), state, children })
+        }
         _ => None,
     };
     // Why a published volume on a reachable node has no nexus: the reconciler's reason, or
@@ -349,6 +369,23 @@ mod tests {
         let (st, mut v) = state_with(&[C::Online], true);
         v.publish = None;
         assert_eq!(volume(&st, &v).status.state, VolumeState::Unknown);
+    }
+
+    #[test]
+    fn a_fault_in_the_store_shows_before_the_next_observation() {
+        use crate::registry::records::ChildStatusRecord;
+        use rpc::ChildState as C;
+        let (st, mut v) = state_with(&[C::Online, C::Online], true);
+        let mut entry = ChildStatusRecord::new_empty(0);
+        entry.state = ChildHealth::Faulted;
+        entry.reason = Some(FaultReason::Disconnected);
+        v.children.insert(v.replicas[1].id, entry);
+        let got = volume(&st, &v);
+        assert_eq!(got.status.state, VolumeState::Degraded);
+        let faulted = ChildState::Faulted { reason: FaultReason::Disconnected };
+        assert_eq!(got.status.replicas[1].status.child, Some(faulted));
+        assert_eq!(got.status.target.unwrap().children[1].state, faulted);
+        assert_eq!(got.status.replicas[0].status.child, Some(ChildState::Online));
     }
 
     #[test]

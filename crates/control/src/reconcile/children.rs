@@ -307,29 +307,13 @@ fn join_delay(base: Duration, attempts: u32) -> Duration {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::registry::records::{ChildStatusRecord, NodeRecord, RECORD_VERSION};
+    use crate::registry::records::{ChildStatusRecord, RECORD_VERSION};
     use crate::registry::{NodeEntry, Observation};
     use trireme_types::{ByteSize, FaultReason};
 
     fn node(st: &mut State, id: &str, online: bool) -> NodeId {
         let nid: NodeId = id.parse().unwrap();
-        st.nodes.insert(
-            nid.clone(),
-            NodeEntry {
-                record: NodeRecord {
-                    version: RECORD_VERSION,
-                    id: nid.clone(),
-                    grpc_endpoint: "g".into(),
-                    nbd_endpoint: format!("{id}:10809"),
-                    engine_version: "v".into(),
-                    cordoned: false,
-                    draining: false,
-                },
-                last_seen: None,
-                last_seen_ms: 0,
-                online,
-            },
-        );
+        st.nodes.insert(nid.clone(), NodeEntry::for_test(&nid, online));
         if online {
             st.observed.insert(nid.clone(), Observation::default());
         }

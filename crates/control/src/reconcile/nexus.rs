@@ -296,9 +296,7 @@ async fn create_nexus(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::registry::records::{
-        ChildHealth, ChildStatusRecord, NodeRecord, RECORD_VERSION, ReplicaRecord,
-    };
+    use crate::registry::records::{ChildHealth, ChildStatusRecord, RECORD_VERSION, ReplicaRecord};
     use crate::registry::{NodeEntry, Observation};
     use trireme_api::RebuildKind;
     use trireme_types::ByteSize;
@@ -307,23 +305,7 @@ mod tests {
         let mut st = State::default();
         for (id, up) in online {
             let nid: NodeId = id.parse().unwrap();
-            st.nodes.insert(
-                nid.clone(),
-                NodeEntry {
-                    record: NodeRecord {
-                        version: RECORD_VERSION,
-                        id: nid.clone(),
-                        grpc_endpoint: "g".into(),
-                        nbd_endpoint: format!("10.0.0.{}:10809", id.len()),
-                        engine_version: "v".into(),
-                        cordoned: false,
-                        draining: false,
-                    },
-                    last_seen: None,
-                    last_seen_ms: 0,
-                    online: *up,
-                },
-            );
+            st.nodes.insert(nid.clone(), NodeEntry::for_test(&nid, *up));
             st.observed.insert(nid, Observation::default());
         }
         st
@@ -364,7 +346,7 @@ mod tests {
         let got = nexus_children(&st, &v, &"a".parse().unwrap()).unwrap();
         assert_eq!(got[0].uri, format!("replica:///{a}"));
         assert_eq!(got[0].join, rpc::ChildJoin::Online as i32);
-        assert_eq!(got[1].uri, format!("nbd://10.0.0.2:10809/replica-{b}"));
+        assert_eq!(got[1].uri, format!("nbd://bb:10809/replica-{b}"));
         assert_eq!(got[1].join, rpc::ChildJoin::Partial as i32);
     }
 

@@ -53,6 +53,27 @@ pub struct NodeEntry {
     pub online: bool,
 }
 
+#[cfg(test)]
+impl NodeEntry {
+    /// A registered node for unit tests: endpoints `<id>:7500` (gRPC) and `<id>:10809` (NBD).
+    pub(crate) fn for_test(id: &NodeId, online: bool) -> Self {
+        Self {
+            record: records::NodeRecord {
+                version: records::RECORD_VERSION,
+                id: id.clone(),
+                grpc_endpoint: format!("{id}:7500"),
+                nbd_endpoint: format!("{id}:10809"),
+                engine_version: "test".into(),
+                cordoned: false,
+                draining: false,
+            },
+            last_seen: None,
+            last_seen_ms: 0,
+            online,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct PoolEntry {
     pub record: PoolRecord,

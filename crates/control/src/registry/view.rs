@@ -274,30 +274,14 @@ fn last_rebuild(v: &VolumeRecord, r: &ReplicaId, c: Option<&rpc::Child>) -> Opti
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::registry::records::{NodeRecord, RECORD_VERSION, VolumePhase};
+    use crate::registry::records::{RECORD_VERSION, VolumePhase};
     use crate::registry::{NodeEntry, Observation};
     use trireme_types::{NodeId, ReplicaId, VolumeId};
 
     fn state_with(child_states: &[rpc::ChildState], online: bool) -> (State, VolumeRecord) {
         let node = NodeId::new("n1").unwrap();
         let mut st = State::default();
-        st.nodes.insert(
-            node.clone(),
-            NodeEntry {
-                record: NodeRecord {
-                    version: RECORD_VERSION,
-                    id: node.clone(),
-                    grpc_endpoint: "e".into(),
-                    nbd_endpoint: "n".into(),
-                    engine_version: "v".into(),
-                    cordoned: false,
-                    draining: false,
-                },
-                last_seen: None,
-                last_seen_ms: 0,
-                online,
-            },
-        );
+        st.nodes.insert(node.clone(), NodeEntry::for_test(&node, online));
         let replicas: Vec<ReplicaRecord> = child_states
             .iter()
             .map(|_| ReplicaRecord {

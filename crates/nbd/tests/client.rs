@@ -193,6 +193,22 @@ async fn disconnect_is_clean_and_final() {
     srv.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_ends_the_session_at_once() {
+    let srv = start().await;
+    let c = client(&srv).await;
+    c.write(0, random(4096), false).await.unwrap();
+    c.abort();
+    assert!(!c.is_alive());
+    let err = c.write(0, random(4096), false).await.unwrap_err();
+    assert!(matches!(err, ClientError::Disconnected { .. }), "{err}");
+    // A reset connection leaves the server serving others.
+    let c2 = client(&srv).await;
+    c2.read(0, 4096).await.unwrap();
+    drop(c2);
+    srv.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Failure modes through a proxy
 

@@ -137,17 +137,24 @@ impl RemoteChild {
         op: &'static str,
         call: impl Future<Output = Result<T, ClientError>>,
     ) -> Result<T, ChildError> {
-        match tokio::time::timeout(self.io_timeout, call).await {
-            Ok(result) => result.map_err(|e| {
-                let err = child_error(&e, self.epoch);
+        let err = match tokio::time::timeout(self.io_timeout, call).await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) => {
                 tracing::debug!(uri = %self.uri, op, error = %e, "remote child request failed");
-                err
-            }),
+                child_error(&e, self.epoch)
+            }
             Err(_) => {
                 tracing::debug!(uri = %self.uri, op, after = ?self.io_timeout, "remote child timed out");
-                Err(ChildError::Timeout)
+                ChildError::Timeout
             }
+        };
+        // The nexus faults the child on this error and goes on without it. Writes still
+        // queued on this connection must die with it: delivered after a partition heals, they
+        // would land after the rebuild that brings the replica back, over newer data.
+        if matches!(err, ChildError::Timeout | ChildError::Disconnected) {
+            self.client.abort_current();
         }
+        Err(err)
     }
 }
 

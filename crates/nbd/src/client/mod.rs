@@ -120,6 +120,10 @@ impl Client {
                     let mut s = TcpStream::connect(hp.as_str()).await.map_err(connect_err)?;
                     // Small requests (4 KiB writes, flushes) must not wait for Nagle.
                     s.set_nodelay(true).map_err(connect_err)?;
+                    // Closing resets the connection and drops whatever was not sent yet. A
+                    // write that timed out during a network partition must never reach the
+                    // server later, when the link comes back: by then its data may be stale.
+                    s.set_zero_linger().map_err(connect_err)?;
                     let info = handshake::negotiate(&mut s, &name, export).await?;
                     let (r, w) = s.into_split();
                     Ok((info, Box::new(r) as BoxRead, Box::new(w) as BoxWrite))
@@ -306,6 +310,15 @@ impl Client {
                 Ok(ext)
             }
             _ => Err(ClientError::protocol("block status completed without extents")),
+        }
+    }
+
+    /// Ends the session at once: requests in flight fail, and a TCP connection is reset
+    /// (unsent requests are dropped, never delivered later). For a peer that stopped answering.
+    pub fn abort(&self) {
+        self.shared.kill("client aborted");
+        for t in &self.tasks {
+            t.abort();
         }
     }
 

@@ -154,6 +154,15 @@ impl ReconnectingClient {
         self.establish().await
     }
 
+    /// Aborts the current connection (see [`Client::abort`]); the next request connects
+    /// anew. For a peer that timed out: its old connection must not deliver anything later.
+    pub fn abort_current(&self) {
+        let old = self.lock().client.take();
+        if let Some(c) = old {
+            c.abort();
+        }
+    }
+
     /// Drops the current connection (even if alive) and makes a new one.
     pub async fn reconnect(&self) -> Result<Arc<Client>, ClientError> {
         let _gate = self.gate.lock().await;

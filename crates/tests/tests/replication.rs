@@ -255,20 +255,7 @@ async fn an_old_nexus_cannot_write_after_republish() {
     tools_wait_node(&h, 0, trireme_types::NodeState::Offline).await;
     let unpublished = client.unpublish_volume(VOL).await;
     eprintln!("unpublish with the old nexus unreachable: {unpublished:?}");
-    let body =
-        trireme_api::PublishBody { node: Some(trireme_types::NodeId::new(h.node(1)).unwrap()) };
-    client.publish_volume(VOL, &body).await.unwrap_or_else(|e| panic!("republish on node-1: {e}"));
-    let v = h
-        .wait_volume(VOL, "republished on node-1 with 2+ children online", T, |v| {
-            let t = v.status.target.as_ref().ok_or("no target")?;
-            let online = t.children.iter().filter(|c| c.state == ChildState::Online).count();
-            if t.node.as_str() == "node-1" && online >= 2 {
-                Ok(v.clone())
-            } else {
-                Err(format!("target on {} with {online} online", t.node))
-            }
-        })
-        .await;
+    let v = republish_on_node1(&h).await;
     let uri1 = v.status.target.as_ref().unwrap().uri.clone();
     assert_ne!(uri1, uri0);
 
@@ -299,6 +286,27 @@ async fn an_old_nexus_cannot_write_after_republish() {
     // New writes go through the new nexus.
     new.write(B, block(0xcc), true).await.unwrap();
     h.heal_from_control(0);
+}
+
+/// Publishes the volume on host 1 and waits until its new nexus there has two children
+/// online; returns the volume as then seen.
+async fn republish_on_node1(h: &Hosts) -> Volume {
+    let body =
+        trireme_api::PublishBody { node: Some(trireme_types::NodeId::new(h.node(1)).unwrap()) };
+    h.client()
+        .publish_volume(VOL, &body)
+        .await
+        .unwrap_or_else(|e| panic!("republish on node-1: {e}"));
+    h.wait_volume(VOL, "republished on node-1 with 2 children online", T, |v| {
+        let t = v.status.target.as_ref().ok_or("no target")?;
+        let online = t.children.iter().filter(|c| c.state == ChildState::Online).count();
+        if t.node.as_str() == "node-1" && online >= 2 {
+            Ok(v.clone())
+        } else {
+            Err(format!("target on {} with {online} online", t.node))
+        }
+    })
+    .await
 }
 
 async fn tools_wait_node(h: &Hosts, i: usize, want: trireme_types::NodeState) {
@@ -471,20 +479,7 @@ async fn a_frozen_old_nexus_thawed_after_republish_leaves_no_trace() {
     let client = h.client();
     let unpublished = client.unpublish_volume(VOL).await;
     eprintln!("unpublish with the old nexus frozen: {:?}", unpublished.as_ref().map(|v| &v.status));
-    let body =
-        trireme_api::PublishBody { node: Some(trireme_types::NodeId::new(h.node(1)).unwrap()) };
-    client.publish_volume(VOL, &body).await.unwrap_or_else(|e| panic!("republish on node-1: {e}"));
-    let v = h
-        .wait_volume(VOL, "republished on node-1 with 2 children online", T, |v| {
-            let t = v.status.target.as_ref().ok_or("no target")?;
-            let online = t.children.iter().filter(|c| c.state == ChildState::Online).count();
-            if t.node.as_str() == "node-1" && online >= 2 {
-                Ok(v.clone())
-            } else {
-                Err(format!("target on {} with {online} online", t.node))
-            }
-        })
-        .await;
+    let v = republish_on_node1(&h).await;
     let uri1 = v.status.target.as_ref().unwrap().uri.clone();
 
     // Queue a write to the frozen nexus, then thaw it.

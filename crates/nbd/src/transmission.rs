@@ -9,8 +9,9 @@
 //! Requests run concurrently and may complete out of order; each reply carries its cookie.
 //! There is no writer task: a request that finishes queues its reply and, if no other task is
 //! writing, writes the whole queue itself. At queue depth 1 that saves a cross-task wakeup
-//! per request; under load replies still go out in batches, because whoever is writing picks
-//! up every reply queued meanwhile.
+//! per request. Under load a small reply waits one scheduler pass before writing, so replies
+//! finishing together (completions are reaped in batches) leave in one vectored write: one
+//! syscall and one wakeup of the client for the batch.
 //! Backpressure: the reader takes a slot permit (and, for READ/WRITE, a byte-budget permit)
 //! before accepting a request; permits travel with the reply and are released only once it
 //! has been written, so a client that does not read its replies stops being read from.
@@ -22,7 +23,7 @@
 use std::io::IoSlice;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
@@ -48,6 +49,8 @@ use crate::stats::ExportStats;
 const BUDGET_UNIT: usize = 4096;
 /// Replies gathered into one vectored write.
 const MAX_BATCH: usize = 64;
+/// Largest reply payload worth delaying (by one scheduler pass) to share a write.
+const BATCH_SMALL: usize = 64 << 10;
 
 /// A reply on its way to the socket, holding the permits it consumed.
 struct Outgoing {
@@ -146,6 +149,7 @@ pub(crate) async fn run<R, W>(
                     message: format!("write of {} bytes exceeds the maximum", req.length),
                 };
                 let reply = ctx.encode(&req, Err(f));
+                sink.begin();
                 sink.send(Outgoing { reply, _slot: slot, _bytes: None }).await;
                 break End::Violation(format!("oversized write of {} bytes", req.length));
             }
@@ -158,6 +162,7 @@ pub(crate) async fn run<R, W>(
         let ctx = Arc::clone(&ctx);
         let sink = Arc::clone(&sink);
         let stats = Arc::clone(&stats);
+        sink.begin();
         tasks.spawn(async move {
             // A panic in the export must still answer this cookie, or the client waits forever.
             let result = match AssertUnwindSafe(ctx.execute(&req, payload)).catch_unwind().await {
@@ -245,6 +250,8 @@ struct ReplySink<W> {
     queue: Mutex<Vec<Outgoing>>,
     writer: tokio::sync::Mutex<W>,
     io_timeout: Duration,
+    /// Requests begun whose reply has not been queued yet.
+    executing: AtomicUsize,
     /// Set once a write failed: later replies are dropped (their permits with them).
     broken: AtomicBool,
     conn: CancellationToken,
@@ -256,6 +263,7 @@ impl<W: AsyncWrite + Unpin> ReplySink<W> {
             queue: Mutex::new(Vec::with_capacity(MAX_BATCH)),
             writer: tokio::sync::Mutex::new(writer),
             io_timeout,
+            executing: AtomicUsize::new(0),
             broken: AtomicBool::new(false),
             conn,
         }
@@ -265,12 +273,27 @@ impl<W: AsyncWrite + Unpin> ReplySink<W> {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Counts a request whose reply will come through `send`.
+    fn begin(&self) {
+        self.executing.fetch_add(1, Ordering::AcqRel);
+    }
+
     /// Queues `out` and writes the queue unless another task is already writing it.
     async fn send(&self, out: Outgoing) {
+        let others = self.executing.fetch_sub(1, Ordering::AcqRel) > 1;
+        // Only small replies gain from sharing a write; a large one costs its copy either way.
+        let small = out.reply.data.as_ref().is_none_or(|d| d.len() <= BATCH_SMALL);
         if self.broken.load(Ordering::Acquire) {
             return;
         }
         self.queue().push(out);
+        if others && small {
+            // Other requests are running and may finish in this same pass of the scheduler
+            // (their completions are often reaped together). Yielding once lets them queue
+            // their replies, so one vectored write carries them all: fewer syscalls, and one
+            // wakeup of the client instead of one per reply. Alone, write at once.
+            tokio::task::yield_now().await;
+        }
         self.drain().await;
     }
 

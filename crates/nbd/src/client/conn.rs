@@ -122,6 +122,11 @@ impl Shared {
         ClientError::disconnected(st.dead.clone().unwrap_or_else(|| "connection closed".into()))
     }
 
+    /// Requests sent or about to be, whose reply has not arrived.
+    pub fn in_flight(&self) -> usize {
+        self.lock().pending.len()
+    }
+
     pub fn is_dead(&self) -> bool {
         let st = self.lock();
         st.dead.is_some() || st.closing
@@ -185,8 +190,9 @@ pub(crate) async fn writer<W>(
     let mut w = BufWriter::with_capacity(SOCKET_BUFFER, w);
     let run = async {
         while let Some(mut msg) = rx.recv().await {
-            // Batch whatever is already queued into one flush: under load many small requests
-            // share a segment.
+            let mut yielded = false;
+            // Batch whatever is queued into one flush: under load many small requests share a
+            // segment.
             loop {
                 w.write_all(&msg.header).await?;
                 if let Some(p) = &msg.payload {
@@ -200,6 +206,18 @@ pub(crate) async fn writer<W>(
                 }
                 match rx.try_recv() {
                     Ok(next) => msg = next,
+                    // With other requests in flight, give the tasks already runnable one
+                    // scheduler pass to queue theirs before sending: a nexus fans a burst of
+                    // writes out to every child, and one segment for the burst costs the peer
+                    // one wakeup, not one each.
+                    Err(_) if !yielded && shared.in_flight() > 1 => {
+                        yielded = true;
+                        tokio::task::yield_now().await;
+                        match rx.try_recv() {
+                            Ok(next) => msg = next,
+                            Err(_) => break,
+                        }
+                    }
                     Err(_) => break,
                 }
             }

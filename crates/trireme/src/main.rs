@@ -22,6 +22,10 @@ struct Cli {
     #[arg(long, value_enum, env = "TRIREME_LOG_FORMAT", default_value_t, global = true)]
     log_format: LogFormat,
 
+    /// Async runtime threads of a server [default: one per CPU].
+    #[arg(long, value_name = "N", env = "TRIREME_WORKER_THREADS", global = true)]
+    worker_threads: Option<std::num::NonZeroUsize>,
+
     /// `-o`, `--api` and `--token` of client commands, typed before the noun.
     #[command(flatten)]
     leading: trireme_cli::LeadingOpts,
@@ -77,7 +81,11 @@ fn main() -> ExitCode {
         let format = cli.log_format.to_possible_value().map(|v| v.get_name().to_owned());
         args.child_env.extend(format.map(|f| ("TRIREME_LOG_FORMAT".to_owned(), f)));
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = cli.worker_threads {
+        builder.worker_threads(n.get());
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -30,6 +30,7 @@ mod state;
 mod supervise;
 
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 
 use clap::Args;
@@ -69,6 +70,13 @@ pub struct UpArgs {
     /// P+1, engine i gRPC P+10+2i and NBD P+11+2i).
     #[arg(long, value_name = "ADDR", default_value = DEFAULT_API, value_parser = parse_api_addr)]
     pub api: SocketAddr,
+
+    /// Async runtime threads per engine [default: the machine's CPUs shared out among the
+    /// engines and the workload, at least 1]. `up` runs every engine, and the applications
+    /// using its volumes, on one machine: giving each engine a thread per CPU would
+    /// oversubscribe it, and tasks handed between threads cost a cross-CPU wakeup each.
+    #[arg(long, value_name = "N")]
+    pub engine_threads: Option<NonZeroUsize>,
 
     /// The executable to run the servers with [default: this one].
     #[arg(long, value_name = "PATH", hide = true, env = "TRIREME_UP_BINARY")]
@@ -172,8 +180,9 @@ async fn start(
     let observed = state.subscribe();
     let client = bootstrap::wait_for_control(api_url, layout, &observed).await?;
     tracing::info!(url = %api_url, "control is ready");
+    let threads = args.engine_threads.unwrap_or_else(|| engine_threads(args.nodes));
     for engine in &ports.engines {
-        let spec = engine_spec(binary, layout, ports, engine, &args.child_env);
+        let spec = engine_spec(binary, layout, ports, engine, threads, &args.child_env);
         tasks.spawn(supervise::supervise(spec, state.clone(), stop.clone()));
     }
     bootstrap::wait_for_nodes(&client, args.nodes, layout, &observed).await?;
@@ -239,11 +248,19 @@ fn control_spec(
     }
 }
 
+/// The default runtime threads per engine: the CPUs shared out among `nodes` engines and the
+/// workload, which runs on the same machine.
+fn engine_threads(nodes: u16) -> NonZeroUsize {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    NonZeroUsize::new(cpus / (usize::from(nodes) + 1)).unwrap_or(NonZeroUsize::MIN)
+}
+
 fn engine_spec(
     binary: &Path,
     layout: &Layout,
     ports: &Ports,
     engine: &EnginePorts,
+    threads: NonZeroUsize,
     env: &[(String, String)],
 ) -> ChildSpec {
     let name = node_name(engine.index);
@@ -261,6 +278,8 @@ fn engine_spec(
         http_url(ports.control_grpc),
         "--state-dir".into(),
         layout.node_dir(engine.index).display().to_string(),
+        "--worker-threads".into(),
+        threads.to_string(),
     ];
     ChildSpec {
         log: layout.log_file(&name),

@@ -1,3 +1,4 @@
+use std::num::NonZeroUsize;
 use std::time::Duration;
 
 use clap::Parser;
@@ -68,7 +69,14 @@ fn children_get_derived_addresses_and_dirs() {
             "/d/control"
         ]
     );
-    let engine = engine_spec(Path::new("/bin/trireme"), &layout, &ports, &ports.engines[1], &[]);
+    let engine = engine_spec(
+        Path::new("/bin/trireme"),
+        &layout,
+        &ports,
+        &ports.engines[1],
+        NonZeroUsize::new(2).unwrap(),
+        &[],
+    );
     let args: Vec<String> = engine.args.iter().map(|a| a.to_string_lossy().into_owned()).collect();
     assert_eq!(
         args,
@@ -85,17 +93,30 @@ fn children_get_derived_addresses_and_dirs() {
             "--control",
             "http://127.0.0.1:20001",
             "--state-dir",
-            "/d/node-2"
+            "/d/node-2",
+            "--worker-threads",
+            "2"
         ]
     );
     assert_eq!(engine.log, Path::new("/d/logs/node-2.log"));
 }
 
 #[test]
+fn engines_share_the_cpus() {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    assert_eq!(engine_threads(1).get(), (cpus / 2).max(1));
+    assert_eq!(engine_threads(u16::try_from(cpus * 2).unwrap()).get(), 1);
+    let a = parse(&["--engine-threads", "3"]).unwrap();
+    assert_eq!(a.engine_threads, NonZeroUsize::new(3));
+    assert!(parse(&["--engine-threads", "0"]).is_err());
+}
+
+#[test]
 fn wildcard_api_advertises_loopback() {
     let layout = Layout::new("/d");
     let ports = Ports::derive("0.0.0.0:20000".parse().unwrap(), 1).unwrap();
-    let engine = engine_spec(Path::new("/t"), &layout, &ports, &ports.engines[0], &[]);
+    let engine =
+        engine_spec(Path::new("/t"), &layout, &ports, &ports.engines[0], NonZeroUsize::MIN, &[]);
     let args: Vec<String> = engine.args.iter().map(|a| a.to_string_lossy().into_owned()).collect();
     assert!(args.windows(2).any(|w| w == ["--nbd-listen", "0.0.0.0:20013"]));
     assert!(args.windows(2).any(|w| w == ["--nbd-advertise", "127.0.0.1:20013"]));
@@ -229,6 +250,7 @@ async fn a_crash_looping_control_fails_startup_clearly() {
         nodes: 1,
         pool_size: ByteSize::mib(64),
         api,
+        engine_threads: None,
         binary: Some(script),
         child_env: vec![],
     };

@@ -26,6 +26,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use trireme_iobuf::IoBuf;
 
 const ENTRIES: u32 = 256;
+/// Largest transfer that waits for company before entering the kernel.
+const BATCH_MAX: usize = 64 << 10;
 
 type Completion = (Option<IoBuf>, i32);
 
@@ -140,7 +142,14 @@ impl Uring {
         &self.file
     }
 
-    async fn submit(&self, entry: io_uring::squeue::Entry, buf: Option<IoBuf>) -> Completion {
+    /// Queues `entry` and waits for its completion. `batch`: the entry may wait one scheduler
+    /// pass for others to share its io_uring_enter (worth it for small transfers only).
+    async fn submit(
+        &self,
+        entry: io_uring::squeue::Entry,
+        buf: Option<IoBuf>,
+        batch: bool,
+    ) -> Completion {
         let permit = match self.permits.clone().acquire_owned().await {
             Ok(p) => p,
             Err(_) => return (buf, -libc::ESHUTDOWN),
@@ -168,8 +177,11 @@ impl Uring {
                 st.in_flight -= 1;
                 return (slot.and_then(|s| s.buf), -libc::EAGAIN);
             }
-            if st.in_flight == 1 {
-                // Alone on the ring: nothing to batch with, submit at once.
+            if st.in_flight == 1 || !batch {
+                // Alone on the ring, or large: submit at once. Large transfers gain nothing
+                // from sharing a syscall, and submitted together, adjacent ones are merged by
+                // the block layer into fewer, larger requests, which leaves a parallel device
+                // (a virtual disk, an SSD) with less to work on at once.
                 st.submit_pending();
                 st.reap();
                 None
@@ -213,7 +225,7 @@ impl Uring {
             } else {
                 opcode::Read::new(fd, ptr, n).offset(pos).build()
             };
-            let (b, res) = self.submit(entry, Some(buf)).await;
+            let (b, res) = self.submit(entry, Some(buf), n as usize <= BATCH_MAX).await;
             let Some(b) = b else {
                 return (IoBuf::zeroed(0), Err(io::Error::from_raw_os_error(-res)));
             };
@@ -242,7 +254,7 @@ impl Uring {
         let entry = opcode::Fsync::new(types::Fd(self.file.as_raw_fd()))
             .flags(types::FsyncFlags::DATASYNC)
             .build();
-        let (_, res) = self.submit(entry, None).await;
+        let (_, res) = self.submit(entry, None, true).await;
         if res < 0 { Err(io::Error::from_raw_os_error(-res)) } else { Ok(()) }
     }
 }

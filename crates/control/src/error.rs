@@ -49,6 +49,11 @@ pub enum ControlError {
     VolumeDeleting { volume: VolumeId },
     #[error("node {node} is {state}; it cannot take this request now")]
     NodeUnavailable { node: NodeId, state: String },
+    /// The volume cannot be served now; the spec stands and it is served as soon as it can be.
+    #[error(
+        "volume {volume} cannot be served now: {reason}; it is published as soon as that changes"
+    )]
+    VolumeUnavailable { volume: VolumeId, reason: String },
     #[error("node {node} is not registered; an engine must register it before it can hold pools")]
     UnknownNode { node: NodeId },
 
@@ -85,6 +90,7 @@ impl ControlError {
             AlreadyPublished { .. } => (StatusCode::CONFLICT, "already-published"),
             VolumeDeleting { .. } => (StatusCode::CONFLICT, "deleting"),
             NodeUnavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "node-unavailable"),
+            VolumeUnavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "volume-unavailable"),
             UnknownNode { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "unknown-node"),
             Placement(PlacementError::InsufficientCapacity { .. }) => {
                 (StatusCode::INSUFFICIENT_STORAGE, "insufficient-capacity")

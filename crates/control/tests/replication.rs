@@ -251,6 +251,19 @@ async fn a_volume_with_only_stale_replicas_reachable_waits_faulted() {
     assert_eq!(n1.state.lock().create_nexus_requests.len(), 1, "never over stale replicas only");
     wait_event(&c.api, "volume_waiting").await;
 
+    // Publishing again (after an unpublish) answers at once with the reason, not after the
+    // 30 s publish wait; the publish stands.
+    let id = v.id.to_string();
+    c.api.unpublish_volume(&id).await.unwrap();
+    let started = Instant::now();
+    let body = PublishBody { node: Some("node-1".parse().unwrap()) };
+    let err = c.api.publish_volume(&id, &body).await.unwrap_err();
+    assert_eq!(err.status(), Some(503), "{err}");
+    assert!(err.to_string().contains("no current replica reachable"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(15), "answered in {:?}", started.elapsed());
+    let spec = c.api.volume(&id).await.unwrap();
+    assert_eq!(spec.spec.publish.as_ref().map(|n| n.as_str()), Some("node-1"), "{spec:?}");
+
     // b returns: the nexus comes back, with a rebuilding from it.
     let _n2 = FakeNode::start_with("node-2", c.control.grpc, n2_state).await;
     let again = eventually("nexus created once b is back", 30, || async {

@@ -598,6 +598,9 @@ impl Registry {
         self.wake();
         let mut passes = self.subscribe_passes();
         let wait = async {
+            // A message is this request's answer only once a pass started after it has run:
+            // the first pass to end may have begun before the publish was recorded.
+            let mut passes_ended = 0;
             loop {
                 let v = self.volume(&vid.to_string())?;
                 if v.status.target.is_some() {
@@ -607,12 +610,21 @@ impl Registry {
                 if let Some(e) = self.state.read().nexus_errors.get(&vid).cloned() {
                     return Err(e.into());
                 }
+                // The reconciler could not create the nexus and says why (no current replica
+                // reachable): that waits on a node coming back, which may take hours. Answer
+                // now; the publish stands and happens when the replica returns.
+                if passes_ended >= 2
+                    && let Some(reason) = self.state.read().volume_messages.get(&vid).cloned()
+                {
+                    return Err(ControlError::VolumeUnavailable { volume: vid, reason });
+                }
                 if passes.changed().await.is_err() {
                     return Err(ControlError::Timeout {
                         what: format!("publishing volume {vid}"),
                         secs: 0,
                     });
                 }
+                passes_ended += 1;
             }
         };
         match tokio::time::timeout(PUBLISH_WAIT, wait).await {

@@ -83,10 +83,14 @@ pub async fn set_replicas(
 }
 
 /// Publishes the volume and waits (up to 30 s) for its nexus; answers with `status.target.uri`.
+/// A volume that cannot be served now (no current replica reachable) gets 503 at once; the
+/// publish stands and takes effect when a current replica returns.
 #[utoipa::path(put, path = "/v1/volumes/{id}/target", tag = "volumes", request_body = PublishBody,
     params(("id" = String, Path, description = "volume UUID or name")),
     responses((status = 200, body = Volume), (status = 409, body = Problem, content_type = "application/problem+json"),
         (status = 422, body = Problem, content_type = "application/problem+json"),
+        (status = 503, body = Problem, content_type = "application/problem+json",
+            description = "node unavailable, or no current replica reachable"),
         (status = 504, body = Problem, content_type = "application/problem+json")))]
 pub async fn publish_volume(
     State(app): State<AppState>,

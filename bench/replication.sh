@@ -10,7 +10,9 @@
 # of free disk while it runs; the images are deleted at the end.
 # Rows: 4k randwrite QD32, 4k randwrite QD1, 1M write QD8, 4k randread QD32 — each on the
 #   3-replica volume, the 1-replica volume and qemu-nbd (--cache=none --aio=io_uring).
-#   Each cell is the median of --repeat runs; the 3/1 ratio is printed per row.
+#   Each cell is the median of --repeat runs; the 3/1 ratio is printed per row. For the write
+#   rows it also prints the CPU time per request of fio, the nexus's engine and the replicas'
+#   engines, and what those would allow if each engine had a machine like this one to itself.
 #   Targets: 3-replica randwrite IOPS >= 60% of 1-replica; reads no slower than 1-replica.
 # Full rebuild: a --rebuild-size 2-replica volume is filled with 1M writes, then grown to 3
 #   replicas (`volume set-replicas`): the new replica is rebuilt fully; reported are the
@@ -98,6 +100,23 @@ for c in (v["status"].get("target") or {}).get("children", []):
         break' "$1"
 }
 
+# Every engine's CPU seconds so far and the wall clock, as JSON: the report turns two snapshots
+# around a fio run into CPU time per request for each process.
+cpu_snapshot() {
+  python3 - "$dir/up/up.json" <<'PY'
+import json, os, sys, time
+tck = os.sysconf("SC_CLK_TCK")
+cpu = {}
+for n in json.load(open(sys.argv[1]))["nodes"]:
+    try:
+        f = open(f"/proc/{n['pid']}/stat").read().rsplit(")", 1)[1].split()
+        cpu[n["name"]] = (int(f[11]) + int(f[12])) / tck
+    except (OSError, KeyError, IndexError):
+        pass
+print(json.dumps({"t": time.monotonic(), "cpu": cpu}))
+PY
+}
+
 cli volume create r3 --size "$size" --replicas 3 >/dev/null
 cli volume create r1 --size "$size" --replicas 1 >/dev/null
 uri3=$(cli volume publish r3)
@@ -122,9 +141,11 @@ for row in "${rows[@]}"; do
   for rep in $(seq "$repeat"); do
     for t in "${targets[@]}"; do
       out="$dir/$t-$rw-$bs-$depth-$rep.json"
+      cpu_snapshot >"$out.cpu0"
       fio --name=b --ioengine=nbd --uri="${uris[$t]}" --rw="$rw" --bs="$bs" --iodepth="$depth" \
           --size="$bytes" --time_based --runtime="$runtime" --ramp_time=2 --randrepeat=0 \
           --output-format=json --output="$out"
+      cpu_snapshot >"$out.cpu1"
       echo -e "$rw\t$bs\t$depth\t$t\t$out" >>"$results"
     done
   done
@@ -170,5 +191,9 @@ done
 wait $fpid || true
 echo "partial $partial" >"$dir/partial.txt"
 
+# Which node runs each volume's nexus (the rest hold replicas only).
+{ echo -n "3-replica "; vol_json r3 | py_field 'v["status"]["target"]["node"]'
+  echo -n "1-replica "; vol_json r1 | py_field 'v["status"]["target"]["node"]'; } >"$dir/nexus.txt"
+
 python3 bench/replication_report.py "$results" "$dir/seq.json" "$dir/full.txt" "$dir/partial.txt" \
-  "$size" "$rebuild_size" "$runtime" "$repeat"
+  "$size" "$rebuild_size" "$runtime" "$repeat" "$dir/nexus.txt"

@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""Summarises bench/run.sh's fio JSON files: medians per cell, Trireme's ratios to peers."""
+"""Summarises bench/run.sh's fio JSON files: medians per cell, and Trireme's ratio to each peer
+as the median over repeats of the ratio within one repeat (runs of one repeat are adjacent in
+time, so the machine's drifting speed mostly cancels), with the steal seen during the runs."""
 import json
 import statistics
 import sys
@@ -7,12 +9,36 @@ from collections import defaultdict
 
 results, rss_kib, size, runtime, repeat = sys.argv[1:6]
 cells = defaultdict(list)
+by_rep = {}  # (rw, bs, depth, target, rep) -> IOPS
+steal = defaultdict(list)  # (rw, bs, depth, target) -> % of CPU time stolen during each run
+
+
+def steal_pct(path):
+    try:
+        s0, t0, s1, t1 = map(int, open(path + ".steal").read().split())
+    except (OSError, ValueError):
+        return None
+    return 100 * (s1 - s0) / (t1 - t0) if t1 > t0 else None
+
+
 for line in open(results):
-    rw, bs, depth, target, path = line.rstrip("\n").split("\t")
+    rw, bs, depth, target, path, *rest = line.rstrip("\n").split("\t")
     job = json.load(open(path))["jobs"][0]
     side = job["write"] if "write" in rw else job["read"]
     p99_ns = side["clat_ns"]["percentile"].get("99.000000", 0)
     cells[(rw, bs, depth, target)].append((side["iops"], side["bw_bytes"] / 1e6, p99_ns / 1000))
+    by_rep[(rw, bs, depth, target, rest[0] if rest else str(len(cells[(rw, bs, depth, target)])))] = side["iops"]
+    st = steal_pct(path)
+    if st is not None:
+        steal[(rw, bs, depth, target)].append(st)
+
+
+def paired(rw, bs, depth, peer):
+    """Median over repeats of Trireme's IOPS over the peer's in the same repeat."""
+    ratios = [v / by_rep[(rw, bs, depth, peer, rep)]
+              for (r, b, d, t, rep), v in by_rep.items()
+              if (r, b, d, t) == (rw, bs, depth, "trireme") and by_rep.get((rw, bs, depth, peer, rep))]
+    return statistics.median(ratios) if ratios else float("nan")
 
 def med(key, i):
     return statistics.median(v[i] for v in cells[key]) if cells[key] else float("nan")
@@ -24,8 +50,8 @@ for key in cells:
         rows.append(row)
 
 print(f"size {size}, {runtime} s per run, median of {repeat}; engine peak RSS {int(rss_kib) // 1024} MiB\n")
-print("| workload | target | IOPS | MB/s | p99 µs | trireme/qemu-nbd | trireme/raw |")
-print("|---|---|---:|---:|---:|---:|---:|")
+print("| workload | target | IOPS | MB/s | p99 µs | steal % | trireme/qemu-nbd | trireme/raw |")
+print("|---|---|---:|---:|---:|---:|---:|---:|")
 for rw, bs, depth in rows:
     t = (rw, bs, depth, "trireme")
     for target in ("trireme", "qemu-nbd", "nbdkit", "raw"):
@@ -35,6 +61,7 @@ for rw, bs, depth in rows:
         iops, mbs, p99 = med(k, 0), med(k, 1), med(k, 2)
         ratio_q = ratio_r = ""
         if target == "trireme":
-            ratio_q = f"{iops / med((rw, bs, depth, 'qemu-nbd'), 0):.2f}"
-            ratio_r = f"{iops / med((rw, bs, depth, 'raw'), 0):.2f}"
-        print(f"| {rw} {bs} QD{depth} | {target} | {iops:,.0f} | {mbs:,.1f} | {p99:,.0f} | {ratio_q} | {ratio_r} |")
+            ratio_q = f"{paired(rw, bs, depth, 'qemu-nbd'):.2f}"
+            ratio_r = f"{paired(rw, bs, depth, 'raw'):.2f}"
+        st = f"{statistics.median(steal[k]):.0f}" if steal[k] else ""
+        print(f"| {rw} {bs} QD{depth} | {target} | {iops:,.0f} | {mbs:,.1f} | {p99:,.0f} | {st} | {ratio_q} | {ratio_r} |")

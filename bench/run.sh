@@ -99,17 +99,27 @@ run_fio() { # target rw bs depth -> json file
   esac
 }
 
+# The CPU time the hypervisor gave to others ("steal") since boot, and all CPU time: the
+# report shows each run's share of steal, this shared machine's main source of noise.
+cpu_ticks() { awk '/^cpu / {print $9, $2+$3+$4+$5+$6+$7+$8+$9}' /proc/stat; }
+
 results="$dir/results.tsv"; : >"$results"
 for row in "${rows[@]}"; do
   read -r rw bs depth <<<"$row"
   for rep in $(seq "$repeat"); do
-    for t in "${targets[@]}"; do
+    # Alternate the order between repeats, so a drift in the machine's speed does not always
+    # favour the same target; the report pairs each repeat's Trireme run with the peers'.
+    order=("${targets[@]}")
+    if [ $((rep % 2)) -eq 0 ]; then order=(qemu-nbd trireme raw nbdkit); fi
+    for t in "${order[@]}"; do
       out="$dir/$t-$rw-$bs-$depth-$rep.json"
+      before=$(cpu_ticks)
       run_fio "$t" "$rw" "$bs" "$depth" "$out" &
       fpid=$!
       while kill -0 $fpid 2>/dev/null; do sample_rss; sleep 1; done
       wait $fpid
-      echo -e "$rw\t$bs\t$depth\t$t\t$out" >>"$results"
+      echo "$before $(cpu_ticks)" >"$out.steal"
+      echo -e "$rw\t$bs\t$depth\t$t\t$out\t$rep" >>"$results"
     done
   done
 done

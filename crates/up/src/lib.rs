@@ -72,9 +72,8 @@ pub struct UpArgs {
     pub api: SocketAddr,
 
     /// Async runtime threads per engine [default: the machine's CPUs shared out among the
-    /// engines and the workload, at least 1]. `up` runs every engine, and the applications
-    /// using its volumes, on one machine: giving each engine a thread per CPU would
-    /// oversubscribe it, and tasks handed between threads cost a cross-CPU wakeup each.
+    /// engines, at least 1]. `up` runs every engine on one machine: giving each a thread per
+    /// CPU would oversubscribe it, and tasks handed between threads cost a cross-CPU wakeup.
     #[arg(long, value_name = "N")]
     pub engine_threads: Option<NonZeroUsize>,
 
@@ -248,11 +247,10 @@ fn control_spec(
     }
 }
 
-/// The default runtime threads per engine: the CPUs shared out among `nodes` engines and the
-/// workload, which runs on the same machine.
+/// The default runtime threads per engine: the machine's CPUs shared out among `nodes` engines.
 fn engine_threads(nodes: u16) -> NonZeroUsize {
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
-    NonZeroUsize::new(cpus / (usize::from(nodes) + 1)).unwrap_or(NonZeroUsize::MIN)
+    NonZeroUsize::new(cpus / usize::from(nodes.max(1))).unwrap_or(NonZeroUsize::MIN)
 }
 
 fn engine_spec(

@@ -314,6 +314,9 @@ async fn reaper(shared: Arc<Shared>, afd: AsyncFd<DupFd>) {
         let idle = {
             let mut st = shared.lock();
             st.reap();
+            // Entries a failed submit left queued (the kernel was busy) go out now, with the
+            // completions that made room for them.
+            st.submit_pending();
             st.in_flight == 0
         };
         if idle && shared.shutdown.load(Ordering::Acquire) {

@@ -10,7 +10,8 @@
 # of free disk while it runs; the images are deleted at the end.
 # Rows: 4k randwrite QD32, 4k randwrite QD1, 1M write QD8, 4k randread QD32 — each on the
 #   3-replica volume, the 1-replica volume and qemu-nbd (--cache=none --aio=io_uring).
-#   Each cell is the median of --repeat runs; the 3/1 ratio is printed per row. For the write
+#   Each cell is the median of --repeat runs; the 3/1 ratio is the median over repeats of the
+#   ratio within a repeat (adjacent runs), next to the CPU steal seen during them. For the write
 #   rows it also prints the CPU time per request of fio, the nexus's engine and the replicas'
 #   engines, and what those would allow if each engine had a machine like this one to itself.
 #   Targets: 3-replica randwrite IOPS >= 60% of 1-replica; reads no slower than 1-replica.
@@ -113,7 +114,9 @@ for n in json.load(open(sys.argv[1]))["nodes"]:
         cpu[n["name"]] = (int(f[11]) + int(f[12])) / tck
     except (OSError, KeyError, IndexError):
         pass
-print(json.dumps({"t": time.monotonic(), "cpu": cpu}))
+stat = open("/proc/stat").readline().split()
+ticks = [int(x) for x in stat[1:9]]
+print(json.dumps({"t": time.monotonic(), "cpu": cpu, "steal": ticks[7], "all": sum(ticks)}))
 PY
 }
 
@@ -139,14 +142,18 @@ results="$dir/results.tsv"; : >"$results"
 for row in "${rows[@]}"; do
   read -r rw bs depth <<<"$row"
   for rep in $(seq "$repeat"); do
-    for t in "${targets[@]}"; do
+    # Alternate the order between repeats (the machine's speed drifts); the report pairs each
+    # repeat's 3-replica run with its 1-replica run.
+    order=("${targets[@]}")
+    if [ $((rep % 2)) -eq 0 ]; then order=(1-replica 3-replica qemu-nbd); fi
+    for t in "${order[@]}"; do
       out="$dir/$t-$rw-$bs-$depth-$rep.json"
       cpu_snapshot >"$out.cpu0"
       fio --name=b --ioengine=nbd --uri="${uris[$t]}" --rw="$rw" --bs="$bs" --iodepth="$depth" \
           --size="$bytes" --time_based --runtime="$runtime" --ramp_time=2 --randrepeat=0 \
           --output-format=json --output="$out"
       cpu_snapshot >"$out.cpu1"
-      echo -e "$rw\t$bs\t$depth\t$t\t$out" >>"$results"
+      echo -e "$rw\t$bs\t$depth\t$t\t$out\t$rep" >>"$results"
     done
   done
 done

@@ -38,16 +38,40 @@ def cpu_per_request(path, job, iops, target):
     return out
 
 
+by_rep = {}  # (rw, bs, depth, target, rep) -> IOPS
+steal = defaultdict(list)  # (rw, bs, depth, target) -> % of CPU time stolen during each run
+
+
+def steal_pct(path):
+    try:
+        a, b = json.load(open(path + ".cpu0")), json.load(open(path + ".cpu1"))
+        return 100 * (b["steal"] - a["steal"]) / (b["all"] - a["all"])
+    except (OSError, KeyError, ZeroDivisionError, ValueError):
+        return None
+
+
 for line in open(results):
-    rw, bs, depth, target, path = line.rstrip("\n").split("\t")
+    rw, bs, depth, target, path, *rest = line.rstrip("\n").split("\t")
     job = json.load(open(path))["jobs"][0]
     side = job["write"] if "write" in rw else job["read"]
     p99_ns = side["clat_ns"]["percentile"].get("99.000000", 0)
     cells[(rw, bs, depth, target)].append((side["iops"], side["bw_bytes"] / 1e6, p99_ns / 1000))
+    by_rep[(rw, bs, depth, target, rest[0] if rest else str(len(cells[(rw, bs, depth, target)])))] = side["iops"]
+    st = steal_pct(path)
+    if st is not None:
+        steal[(rw, bs, depth, target)].append(st)
     if target in nexus_of:
         c = cpu_per_request(path, job, side["iops"], target)
         if c:
             cpu_cells[(rw, bs, depth, target)].append(c)
+
+
+def paired(rw, bs, depth):
+    """Per repeat, 3-replica IOPS over 1-replica IOPS; returns (median, all ratios)."""
+    ratios = [v / by_rep[(rw, bs, depth, "1-replica", rep)]
+              for (r, b, d, t, rep), v in sorted(by_rep.items())
+              if (r, b, d, t) == (rw, bs, depth, "3-replica") and by_rep.get((rw, bs, depth, "1-replica", rep))]
+    return (statistics.median(ratios) if ratios else float("nan")), ratios
 
 
 def med(key, i):
@@ -60,8 +84,8 @@ for key in cells:
         rows.append(key[:3])
 
 print(f"volumes of {size}, {runtime} s per run, median of {repeat}\n")
-print("| workload | target | IOPS | MB/s | p99 µs | 3-replica/1-replica |")
-print("|---|---|---:|---:|---:|---:|")
+print("| workload | target | IOPS | MB/s | p99 µs | steal % | 3-replica/1-replica (per repeat) |")
+print("|---|---|---:|---:|---:|---:|---:|")
 for rw, bs, depth in rows:
     for target in ("3-replica", "1-replica", "qemu-nbd"):
         k = (rw, bs, depth, target)
@@ -70,8 +94,10 @@ for rw, bs, depth in rows:
         iops, mbs, p99 = med(k, 0), med(k, 1), med(k, 2)
         ratio = ""
         if target == "3-replica":
-            ratio = f"{iops / med((rw, bs, depth, '1-replica'), 0):.2f}"
-        print(f"| {rw} {bs} QD{depth} | {target} | {iops:,.0f} | {mbs:,.1f} | {p99:,.0f} | {ratio} |")
+            m, each = paired(rw, bs, depth)
+            ratio = f"{m:.2f} ({', '.join(f'{r:.2f}' for r in each)})"
+        st = f"{statistics.median(steal[k]):.0f}" if steal[k] else ""
+        print(f"| {rw} {bs} QD{depth} | {target} | {iops:,.0f} | {mbs:,.1f} | {p99:,.0f} | {st} | {ratio} |")
 
 def cpu_med(key):
     """Median CPU µs per request by role; replica-only engines that did no work are dropped."""

@@ -153,6 +153,35 @@ async fn queue_depth_32_random_io() {
     pool.close().await.unwrap();
 }
 
+/// Reads dropped at any point, also while they wait to share a submission with others, leave
+/// nothing stuck: later I/O completes and the pool closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_reads_leave_the_ring_working() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = pool_in(dir.path(), 64 * MIB).await;
+    let id = ReplicaId::new_random();
+    pool.create_replica(id, ByteSize::mib(16), true, ReplicaMeta::default()).await.unwrap();
+    let r = pool.open_replica(id).unwrap();
+    r.write(0, IoBuf::copy_from(&pattern(9, 4 * MIB as usize)), true).await.unwrap();
+    let bounded = std::time::Duration::from_secs(30);
+    for round in 0..20u64 {
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..64u64 {
+            let r = r.clone();
+            tasks.spawn(async move { r.read(((i * 31 + round) % 1024) * 4096, 4096).await });
+        }
+        // Drop some at once and the rest after they started.
+        for _ in 0..round % 5 {
+            tokio::task::yield_now().await;
+        }
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+        let got = tokio::time::timeout(bounded, r.read(4096, 4096)).await.unwrap().unwrap();
+        assert_eq!(&got[..], &pattern(9, 2 * 4096)[4096..]);
+    }
+    tokio::time::timeout(bounded, pool.close()).await.unwrap().unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_clone_on_files() {
     let dir = tempfile::tempdir().unwrap();

@@ -82,10 +82,7 @@ pub struct Client {
 
 impl Drop for Client {
     fn drop(&mut self) {
-        self.shared.kill("client dropped");
-        for t in &self.tasks {
-            t.abort();
-        }
+        self.end("client dropped");
     }
 }
 
@@ -316,7 +313,12 @@ impl Client {
     /// Ends the session at once: requests in flight fail, and a TCP connection is reset
     /// (unsent requests are dropped, never delivered later). For a peer that stopped answering.
     pub fn abort(&self) {
-        self.shared.kill("client aborted");
+        self.end("client aborted");
+    }
+
+    /// Fails everything in flight and stops both tasks; dropping their socket halves closes it.
+    fn end(&self, reason: &str) {
+        self.shared.kill(reason);
         for t in &self.tasks {
             t.abort();
         }

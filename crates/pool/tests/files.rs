@@ -24,6 +24,21 @@ async fn pool_in(dir: &Path, size: u64) -> Arc<Pool> {
     Pool::create(&dir.join("pool.img"), opts(size)).await.unwrap()
 }
 
+/// A pool of `pool_mib` MiB in `dir` holding one open thin replica of `replica_mib` MiB.
+async fn thin_replica_in(
+    dir: &Path,
+    pool_mib: u64,
+    replica_mib: u64,
+) -> (Arc<Pool>, ReplicaId, trireme_pool::Replica) {
+    let pool = pool_in(dir, pool_mib * MIB).await;
+    let id = ReplicaId::new_random();
+    pool.create_replica(id, ByteSize::mib(replica_mib), true, ReplicaMeta::default())
+        .await
+        .unwrap();
+    let r = pool.open_replica(id).unwrap();
+    (pool, id, r)
+}
+
 /// A deterministic pseudo-random pattern so reads can be checked without storing them.
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
@@ -123,10 +138,7 @@ async fn thick_replica_and_space_accounting() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_depth_32_random_io() {
     let dir = tempfile::tempdir().unwrap();
-    let pool = pool_in(dir.path(), 128 * MIB).await;
-    let id = ReplicaId::new_random();
-    pool.create_replica(id, ByteSize::mib(32), true, ReplicaMeta::default()).await.unwrap();
-    let r = pool.open_replica(id).unwrap();
+    let (pool, _, r) = thin_replica_in(dir.path(), 128, 32).await;
     // 32 writers, each owning every 32nd 4 KiB block, several rounds; then verify all.
     let blocks = 32 * MIB / 4096;
     let mut tasks = tokio::task::JoinSet::new();
@@ -158,10 +170,7 @@ async fn queue_depth_32_random_io() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_reads_leave_the_ring_working() {
     let dir = tempfile::tempdir().unwrap();
-    let pool = pool_in(dir.path(), 64 * MIB).await;
-    let id = ReplicaId::new_random();
-    pool.create_replica(id, ByteSize::mib(16), true, ReplicaMeta::default()).await.unwrap();
-    let r = pool.open_replica(id).unwrap();
+    let (pool, _, r) = thin_replica_in(dir.path(), 64, 16).await;
     r.write(0, IoBuf::copy_from(&pattern(9, 4 * MIB as usize)), true).await.unwrap();
     let bounded = std::time::Duration::from_secs(30);
     for round in 0..20u64 {
@@ -185,10 +194,7 @@ async fn dropped_reads_leave_the_ring_working() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_clone_on_files() {
     let dir = tempfile::tempdir().unwrap();
-    let pool = pool_in(dir.path(), 128 * MIB).await;
-    let id = ReplicaId::new_random();
-    pool.create_replica(id, ByteSize::mib(8), true, ReplicaMeta::default()).await.unwrap();
-    let r = pool.open_replica(id).unwrap();
+    let (pool, id, r) = thin_replica_in(dir.path(), 128, 8).await;
     r.write(0, IoBuf::copy_from(&pattern(9, 2 * MIB as usize)), false).await.unwrap();
     let sid = SnapshotId::new_random();
     pool.create_snapshot(id, sid).await.unwrap();
@@ -343,10 +349,7 @@ fn futures_are_send(pool: Arc<Pool>, r: trireme_pool::Replica, id: ReplicaId, si
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_during_copy_on_write_see_old_or_new_data() {
     let dir = tempfile::tempdir().unwrap();
-    let pool = pool_in(dir.path(), 128 * MIB).await;
-    let id = ReplicaId::new_random();
-    pool.create_replica(id, ByteSize::mib(4), true, ReplicaMeta::default()).await.unwrap();
-    let r = pool.open_replica(id).unwrap();
+    let (pool, id, r) = thin_replica_in(dir.path(), 128, 4).await;
     let old = pattern(11, 2 * MIB as usize);
     r.write(0, IoBuf::copy_from(&old), false).await.unwrap();
     for round in 0..4u64 {

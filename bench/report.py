@@ -22,12 +22,12 @@ def steal_pct(path):
 
 
 for line in open(results):
-    rw, bs, depth, target, path, *rest = line.rstrip("\n").split("\t")
+    rw, bs, depth, target, path, rep = line.rstrip("\n").split("\t")
     job = json.load(open(path))["jobs"][0]
     side = job["write"] if "write" in rw else job["read"]
     p99_ns = side["clat_ns"]["percentile"].get("99.000000", 0)
     cells[(rw, bs, depth, target)].append((side["iops"], side["bw_bytes"] / 1e6, p99_ns / 1000))
-    by_rep[(rw, bs, depth, target, rest[0] if rest else str(len(cells[(rw, bs, depth, target)])))] = side["iops"]
+    by_rep[(rw, bs, depth, target, rep)] = side["iops"]
     st = steal_pct(path)
     if st is not None:
         steal[(rw, bs, depth, target)].append(st)

@@ -6,63 +6,30 @@
 //! buffer is owned, not borrowed, so that an in-flight kernel operation keeps it alive even if
 //! the future that started it is dropped.
 //!
-//! Large buffers are recycled: the allocator serves a 1 MiB aligned block with a fresh `mmap`
-//! and returns it with `munmap`, so every 1 MiB request would fault in and clear 256 pages
-//! (a third of the engine's CPU time in a 1 MiB read benchmark). Freed buffers of
-//! [`RECYCLE_MIN`] bytes or more go to a small free list per power-of-two size instead, bounded
-//! by [`RECYCLE_MAX_BYTES`] in total, and the next buffer of that size class takes one from it.
+//! Buffers of 64 KiB or more come from [`arena`]: recycled, and on memory the kernel can back
+//! with huge pages, so that each reaches the device in few scatter-gather segments.
+
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+mod arena;
+
+pub use arena::{CARVE_MAX_BYTES, CHUNK, RECYCLE_MAX_BYTES, RECYCLE_MIN};
 
 use std::alloc::{self, Layout};
 use std::fmt;
 use std::mem::MaybeUninit;
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
-use std::sync::Mutex;
+
+use arena::class_of;
 
 /// Alignment of every buffer: enough for `O_DIRECT` on 4K-sector devices and for page-sized
 /// DMA.
 pub const ALIGN: usize = 4096;
 
-/// Buffers at least this large are recycled (see the module docs); smaller ones are cheap for
-/// the allocator.
-pub const RECYCLE_MIN: usize = 64 << 10;
-/// Buffers larger than this are never kept.
-const RECYCLE_LARGEST: usize = 32 << 20;
-/// Bytes the free lists may hold in total (they count toward the engine's resident memory).
-pub const RECYCLE_MAX_BYTES: usize = 32 << 20;
-
-/// Size classes RECYCLE_MIN, 2×RECYCLE_MIN, …, RECYCLE_LARGEST.
-const CLASSES: usize = (RECYCLE_LARGEST / RECYCLE_MIN).trailing_zeros() as usize + 1;
-
-struct FreeLists {
-    lists: [Vec<SendPtr>; CLASSES],
-    bytes: usize,
-}
-
-/// A free block; only ever touched under the free-list lock.
-struct SendPtr(NonNull<u8>);
-// SAFETY: a free block is plain memory owned by the free list, not shared with anyone.
-unsafe impl Send for SendPtr {}
-
-static FREE: Mutex<FreeLists> =
-    Mutex::new(FreeLists { lists: [const { Vec::new() }; CLASSES], bytes: 0 });
-
-fn free_lists() -> std::sync::MutexGuard<'static, FreeLists> {
-    FREE.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// The allocation size for `len` bytes and its recycling class, if any.
-fn class_of(len: usize) -> (usize, Option<usize>) {
-    let cap = len.div_ceil(ALIGN).max(1) * ALIGN;
-    if !(RECYCLE_MIN..=RECYCLE_LARGEST).contains(&cap) {
-        return (cap, None);
-    }
-    let cap = cap.next_power_of_two();
-    (cap, Some((cap / RECYCLE_MIN).trailing_zeros() as usize))
-}
-
-/// A heap buffer aligned to [`ALIGN`], zero-initialised unless built with [`IoBuf::uninit`]. Its capacity is rounded up to a
-/// multiple of [`ALIGN`] so that `O_DIRECT` may transfer whole sectors past `len`.
+/// A buffer aligned to [`ALIGN`], zero-initialised unless built with [`IoBuf::uninit`]. Its
+/// capacity is rounded up to a multiple of [`ALIGN`] (to a power of two from [`RECYCLE_MIN`])
+/// so that `O_DIRECT` may transfer whole sectors past `len`.
 pub struct IoBuf {
     ptr: NonNull<u8>,
     len: usize,
@@ -78,13 +45,16 @@ impl IoBuf {
     /// A zeroed buffer of `len` bytes.
     pub fn zeroed(len: usize) -> Self {
         let (cap, class) = class_of(len);
-        if let Some(b) = Self::recycled(len, cap, class) {
-            // Zero up to the next ALIGN boundary: O_DIRECT may transfer whole sectors past
-            // len, and a recycled block still holds its previous owner's data.
-            let upto = len.div_ceil(ALIGN) * ALIGN;
-            // SAFETY: upto <= cap, inside the allocation.
-            unsafe { b.ptr.as_ptr().write_bytes(0, upto) };
-            return b;
+        if let Some(class) = class {
+            let block = arena::take(cap, class);
+            if !block.zeroed {
+                // Zero up to the next ALIGN boundary: O_DIRECT may transfer whole sectors past
+                // len, and a recycled block still holds its previous owner's data.
+                let upto = len.div_ceil(ALIGN) * ALIGN;
+                // SAFETY: upto <= cap, inside the block.
+                unsafe { block.ptr.as_ptr().write_bytes(0, upto) };
+            }
+            return Self { ptr: block.ptr, len, cap };
         }
         let layout = Self::layout(cap);
         // SAFETY: layout has non-zero size (cap >= ALIGN).
@@ -103,8 +73,8 @@ impl IoBuf {
     /// or resized. Dropping it unfilled is fine.
     pub unsafe fn uninit(len: usize) -> Self {
         let (cap, class) = class_of(len);
-        if let Some(b) = Self::recycled(len, cap, class) {
-            return b;
+        if let Some(class) = class {
+            return Self { ptr: arena::take(cap, class).ptr, len, cap };
         }
         let layout = Self::layout(cap);
         // SAFETY: layout has non-zero size (cap >= ALIGN); the caller promises to initialise
@@ -112,15 +82,6 @@ impl IoBuf {
         let raw = unsafe { alloc::alloc(layout) };
         let Some(ptr) = NonNull::new(raw) else { alloc::handle_alloc_error(layout) };
         Self { ptr, len, cap }
-    }
-
-    /// A block from the free list of `class`, holding stale bytes.
-    fn recycled(len: usize, cap: usize, class: Option<usize>) -> Option<Self> {
-        let class = class?;
-        let mut free = free_lists();
-        let SendPtr(ptr) = free.lists[class].pop()?;
-        free.bytes -= cap;
-        Some(Self { ptr, len, cap })
     }
 
     /// The visible bytes as possibly-uninitialised memory, for filling an [`IoBuf::uninit`]
@@ -139,7 +100,7 @@ impl IoBuf {
     }
 
     fn layout(cap: usize) -> Layout {
-        // cap is a non-zero multiple of ALIGN, a power of two: always a valid layout.
+        // cap is a non-zero multiple of ALIGN: always a valid layout.
         Layout::from_size_align(cap, ALIGN).unwrap_or_else(|_| unreachable!("valid layout"))
     }
 
@@ -202,17 +163,13 @@ impl std::error::Error for CapacityError {}
 
 impl Drop for IoBuf {
     fn drop(&mut self) {
-        if let (_, Some(class)) = class_of(self.cap) {
-            let mut free = free_lists();
-            if free.bytes + self.cap <= RECYCLE_MAX_BYTES {
-                free.bytes += self.cap;
-                free.lists[class].push(SendPtr(self.ptr));
-                return;
-            }
+        match class_of(self.cap) {
+            // SAFETY: cap is already a class size, so class_of(cap) names the class the block
+            // was taken with; the buffer is being dropped, so nothing uses it any more.
+            (_, Some(class)) => unsafe { arena::give_back(self.ptr, self.cap, class) },
+            // SAFETY: allocated in `zeroed` or `uninit` with this exact layout.
+            (_, None) => unsafe { alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.cap)) },
         }
-        // SAFETY: allocated in `zeroed` or `uninit` with this exact layout (cap is already a
-        // class size, so class_of(cap) names the same size it was allocated with).
-        unsafe { alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.cap)) }
     }
 }
 
@@ -292,14 +249,76 @@ mod tests {
     }
 
     #[test]
-    fn free_lists_stay_bounded() {
-        let bufs: Vec<IoBuf> =
-            (0..(RECYCLE_MAX_BYTES / (1 << 20)) + 8).map(|_| IoBuf::zeroed(1 << 20)).collect();
-        drop(bufs);
-        assert!(free_lists().bytes <= RECYCLE_MAX_BYTES);
-        // Sizes outside the recycled range keep their exact, ALIGN-rounded capacity.
+    fn the_arena_stays_bounded() {
+        for len in [1 << 20, 4 << 20, 256 << 10] {
+            let n = (RECYCLE_MAX_BYTES.max(CARVE_MAX_BYTES) / len) + 8;
+            let bufs: Vec<IoBuf> = (0..n).map(|_| IoBuf::zeroed(len)).collect();
+            drop(bufs);
+            let (recycled, carved) = arena::held_bytes();
+            assert!(recycled <= RECYCLE_MAX_BYTES, "{recycled} bytes of whole chunks kept");
+            assert!(carved <= CARVE_MAX_BYTES, "{carved} bytes carved");
+        }
+        // Sizes outside the arena keep their exact, ALIGN-rounded capacity.
         assert_eq!(IoBuf::zeroed(100).capacity(), ALIGN);
-        assert_eq!(IoBuf::zeroed(RECYCLE_LARGEST + 1).capacity(), RECYCLE_LARGEST + ALIGN);
+        assert_eq!(
+            IoBuf::zeroed(arena::RECYCLE_LARGEST + 1).capacity(),
+            arena::RECYCLE_LARGEST + ALIGN
+        );
+    }
+
+    /// Each arena buffer lies inside one huge-page-sized, aligned unit (or starts one), which is
+    /// what lets a single huge page back it whole.
+    #[test]
+    fn arena_buffers_never_straddle_a_huge_page() {
+        let bufs: Vec<IoBuf> = [RECYCLE_MIN, 128 << 10, 1 << 20, 1 << 20, 1 << 20, CHUNK, 8 << 20]
+            .into_iter()
+            .cycle()
+            .take(40)
+            .map(IoBuf::zeroed)
+            .collect();
+        for b in &bufs {
+            let start = b.as_ptr() as usize;
+            if b.capacity() >= CHUNK {
+                assert_eq!(start % CHUNK, 0, "{b:?} at {start:#x}");
+            } else {
+                assert_eq!(
+                    start / CHUNK,
+                    (start + b.capacity() - 1) / CHUNK,
+                    "{b:?} at {start:#x}"
+                );
+            }
+        }
+    }
+
+    /// Where the kernel offers transparent huge pages to those who ask, a 1 MiB buffer is backed
+    /// by one: its whole mapping reports huge-page memory once touched.
+    #[test]
+    fn arena_memory_is_offered_huge_pages() {
+        let mode = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+            .unwrap_or_default();
+        if !(mode.contains("[always]") || mode.contains("[madvise]")) {
+            eprintln!("skipped: transparent huge pages are off here ({})", mode.trim());
+            return;
+        }
+        // A whole-chunk buffer is its own mapping, so its smaps entry is about it alone.
+        let mut b = IoBuf::zeroed(CHUNK);
+        b.fill(1);
+        let at = b.as_ptr() as usize;
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut in_vma = false;
+        let mut huge_kb = None;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ')
+                && let Some((lo, hi)) = range.split_once('-')
+                && let (Ok(lo), Ok(hi)) =
+                    (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
+            {
+                in_vma = (lo..hi).contains(&at);
+            } else if in_vma && let Some(v) = line.strip_prefix("AnonHugePages:") {
+                huge_kb = v.trim().trim_end_matches(" kB").parse::<usize>().ok();
+            }
+        }
+        assert_eq!(huge_kb, Some(CHUNK >> 10), "the buffer's mapping is not on a huge page");
     }
 
     #[test]

@@ -6,14 +6,14 @@
 //! buffer is owned, not borrowed, so that an in-flight kernel operation keeps it alive even if
 //! the future that started it is dropped.
 //!
-//! Buffers of 64 KiB or more come from [`arena`]: recycled, and on memory the kernel can back
-//! with huge pages, so that each reaches the device in few scatter-gather segments.
+//! Buffers come from [`arena`]: recycled, and on memory the kernel can back with huge pages, so
+//! that each reaches the device in few scatter-gather segments.
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 mod arena;
 
-pub use arena::{CARVE_MAX_BYTES, CHUNK, RECYCLE_MAX_BYTES, RECYCLE_MIN};
+pub use arena::{CARVE_MAX_BYTES, CHUNK, LARGEST, RECYCLE_MAX_BYTES};
 
 use std::alloc::{self, Layout};
 use std::fmt;
@@ -28,8 +28,8 @@ use arena::class_of;
 pub const ALIGN: usize = 4096;
 
 /// A buffer aligned to [`ALIGN`], zero-initialised unless built with [`IoBuf::uninit`]. Its
-/// capacity is rounded up to a multiple of [`ALIGN`] (to a power of two from [`RECYCLE_MIN`])
-/// so that `O_DIRECT` may transfer whole sectors past `len`.
+/// capacity is rounded up to a power of two (to a multiple of [`ALIGN`] past [`LARGEST`]) so
+/// that `O_DIRECT` may transfer whole sectors past `len`.
 pub struct IoBuf {
     ptr: NonNull<u8>,
     len: usize,
@@ -221,7 +221,7 @@ mod tests {
         // SAFETY: every byte is written below before the buffer is read.
         let mut b = unsafe { IoBuf::uninit(8192 + 5) };
         assert_eq!(b.as_ptr() as usize % ALIGN, 0);
-        assert_eq!(b.capacity(), 3 * ALIGN);
+        assert_eq!(b.capacity(), 4 * ALIGN);
         for (i, x) in b.as_uninit_mut().iter_mut().enumerate() {
             x.write(i as u8);
         }
@@ -230,7 +230,7 @@ mod tests {
 
     #[test]
     fn recycled_buffers_come_back_zeroed_when_asked() {
-        let len = RECYCLE_MIN * 2 + 100;
+        let len = (64 << 10) * 2 + 100;
         let mut b = IoBuf::zeroed(len);
         assert!(b.capacity().is_power_of_two() && b.capacity() >= len);
         b.fill(0xab);
@@ -249,33 +249,23 @@ mod tests {
     }
 
     #[test]
-    fn the_arena_stays_bounded() {
-        for len in [1 << 20, 4 << 20, 256 << 10] {
-            let n = (RECYCLE_MAX_BYTES.max(CARVE_MAX_BYTES) / len) + 8;
-            let bufs: Vec<IoBuf> = (0..n).map(|_| IoBuf::zeroed(len)).collect();
-            drop(bufs);
-            let (recycled, carved) = arena::held_bytes();
-            assert!(recycled <= RECYCLE_MAX_BYTES, "{recycled} bytes of whole chunks kept");
-            assert!(carved <= CARVE_MAX_BYTES, "{carved} bytes carved");
-        }
-        // Sizes outside the arena keep their exact, ALIGN-rounded capacity.
+    fn sizes_past_the_arena_keep_their_exact_capacity() {
+        assert_eq!(IoBuf::zeroed(LARGEST + 1).capacity(), LARGEST + ALIGN);
         assert_eq!(IoBuf::zeroed(100).capacity(), ALIGN);
-        assert_eq!(
-            IoBuf::zeroed(arena::RECYCLE_LARGEST + 1).capacity(),
-            arena::RECYCLE_LARGEST + ALIGN
-        );
+        assert_eq!(IoBuf::zeroed(5000).capacity(), 2 * ALIGN);
     }
 
     /// Each arena buffer lies inside one huge-page-sized, aligned unit (or starts one), which is
     /// what lets a single huge page back it whole.
     #[test]
     fn arena_buffers_never_straddle_a_huge_page() {
-        let bufs: Vec<IoBuf> = [RECYCLE_MIN, 128 << 10, 1 << 20, 1 << 20, 1 << 20, CHUNK, 8 << 20]
-            .into_iter()
-            .cycle()
-            .take(40)
-            .map(IoBuf::zeroed)
-            .collect();
+        let bufs: Vec<IoBuf> =
+            [ALIGN, 64 << 10, 128 << 10, 1 << 20, 1 << 20, 1 << 20, CHUNK, 8 << 20]
+                .into_iter()
+                .cycle()
+                .take(40)
+                .map(IoBuf::zeroed)
+                .collect();
         for b in &bufs {
             let start = b.as_ptr() as usize;
             if b.capacity() >= CHUNK {

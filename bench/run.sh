@@ -2,6 +2,7 @@
 # Single-replica data-path benchmark (issue 2): one run, one file system, one backing size.
 #
 #   bench/run.sh [--size 2GiB] [--runtime 15] [--repeat 3] [--dir /var/tmp/trireme-bench]
+#                [--engine-threads N]   (passed to `trireme up`; default: up's own)
 #
 # Targets, each measured with fio on the same file system:
 #   trireme   a published 1-replica volume (fio's nbd engine), fully written once first
@@ -14,13 +15,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-size=2GiB runtime=15 repeat=3 dir=/var/tmp/trireme-bench
+size=2GiB runtime=15 repeat=3 dir=/var/tmp/trireme-bench up_args=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --size) size=$2; shift 2 ;;
     --runtime) runtime=$2; shift 2 ;;
     --repeat) repeat=$2; shift 2 ;;
     --dir) dir=$2; shift 2 ;;
+    --engine-threads) up_args+=(--engine-threads "$2"); shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -48,7 +50,7 @@ port=$((20000 + RANDOM % 20000))
 api="127.0.0.1:$port"
 # The pool holds the volume plus metadata headroom.
 "$bin" up --data-dir "$dir/up" --nodes 1 --pool-size "$(( bytes / 1048576 + 512 ))MiB" --api "$api" \
-  >"$dir/up.log" 2>&1 &
+  "${up_args[@]}" >"$dir/up.log" 2>&1 &
 pids+=($!)
 cli() { "$bin" --api "$api" --token "$(cat "$dir/up/control/admin.token")" "$@"; }
 for _ in $(seq 120); do

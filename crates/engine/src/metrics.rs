@@ -4,7 +4,7 @@
 //! counters, so metrics of destroyed pools and nexuses disappear with them and nothing on the
 //! data path pays for bookkeeping beyond the NBD server's own counters.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use axum::Router;
 use axum::extract::State;
@@ -12,13 +12,15 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use trireme_nbd::{Export, ServerStats};
+use trireme_nbd::{Export, LATENCY_BOUNDS_NS, LatencySnapshot, OpKind, ServerStats};
 use trireme_types::{ChildState, NexusState};
 
 use crate::engine::Engine;
@@ -70,6 +72,29 @@ fn counter_family(registry: &mut Registry, name: &str, help: &str) -> Family<Lab
     f
 }
 
+/// A histogram the NBD server has already counted, encoded as it stands at the scrape
+/// (prometheus-client's own histogram only counts observations itself).
+#[derive(Debug, Default)]
+struct Counted(OnceLock<LatencySnapshot>);
+
+impl TypedMetric for Counted {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for Counted {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let s = self.0.get().copied().unwrap_or_default();
+        // prometheus-client marks the unbounded bucket with f64::MAX.
+        let bounds = LATENCY_BOUNDS_NS.iter().map(|&ns| ns as f64 / 1e9).chain([f64::MAX]);
+        let buckets: Vec<(f64, u64)> = bounds.zip(s.buckets).collect();
+        encoder.encode_histogram::<NoLabelSet>(s.sum.as_secs_f64(), s.count(), &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
 fn int(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
@@ -77,18 +102,18 @@ fn int(v: u64) -> i64 {
 fn render(engine: &Engine, nbd: &ServerStats) -> Result<String, std::fmt::Error> {
     let mut r = Registry::default();
 
-    let info = gauge_family(&mut r, "trireme_engine_info", "The engine's node and version.");
+    let info = gauge_family(&mut r, "trireme_engine_info", "The engine's node and version");
     info.get_or_create(&vec![
         ("node", engine.node_id().to_string()),
         ("version", crate::VERSION.to_owned()),
     ])
     .set(1);
 
-    let pool_online = gauge_family(&mut r, "trireme_pool_online", "1 if the pool is online.");
+    let pool_online = gauge_family(&mut r, "trireme_pool_online", "1 if the pool is online");
     let capacity =
-        gauge_family(&mut r, "trireme_pool_capacity_bytes", "Usable capacity of the pool.");
-    let used = gauge_family(&mut r, "trireme_pool_used_bytes", "Bytes allocated in the pool.");
-    let replicas = gauge_family(&mut r, "trireme_pool_replicas", "Replicas in the pool.");
+        gauge_family(&mut r, "trireme_pool_capacity_bytes", "Usable capacity of the pool");
+    let used = gauge_family(&mut r, "trireme_pool_used_bytes", "Bytes allocated in the pool");
+    let replicas = gauge_family(&mut r, "trireme_pool_replicas", "Replicas in the pool");
     for p in engine.list_pools() {
         let labels = vec![("pool", p.name.to_string())];
         let online = matches!(p.status, PoolStatus::Online(_));
@@ -100,24 +125,22 @@ fn render(engine: &Engine, nbd: &ServerStats) -> Result<String, std::fmt::Error>
         }
     }
 
-    let nexus_size =
-        gauge_family(&mut r, "trireme_nexus_size_bytes", "Size of the volume's nexus.");
+    let nexus_size = gauge_family(&mut r, "trireme_nexus_size_bytes", "Size of the volume's nexus");
     let nexus_state = gauge_family(
         &mut r,
         "trireme_nexus_state",
-        "1 for the nexus's current state (online, degraded, faulted).",
+        "1 for the nexus's current state (online, degraded, faulted)",
     );
-    let children =
-        gauge_family(&mut r, "trireme_nexus_children", "Children of the nexus by state.");
+    let children = gauge_family(&mut r, "trireme_nexus_children", "Children of the nexus by state");
     let child_state = gauge_family(
         &mut r,
         "trireme_child_state",
-        "1 for each child's current state (online, faulted, rebuilding).",
+        "1 for each child's current state (online, faulted, rebuilding)",
     );
     let rebuild_bytes = counter_family(
         &mut r,
         "trireme_rebuild_bytes",
-        "Bytes rebuilds copied into the nexus's children.",
+        "Bytes rebuilds copied into the nexus's children",
     );
     for n in engine.list_nexuses() {
         let volume = n.volume().to_string();
@@ -149,21 +172,32 @@ fn render(engine: &Engine, nbd: &ServerStats) -> Result<String, std::fmt::Error>
             .inc_by(n.rebuild_bytes_total());
     }
 
-    let read_ops = counter_family(&mut r, "trireme_nbd_read_ops", "NBD reads served, by export.");
+    let read_ops = counter_family(&mut r, "trireme_nbd_read_ops", "NBD reads served, by export");
     let read_bytes =
-        counter_family(&mut r, "trireme_nbd_read_bytes", "Bytes read over NBD, by export.");
-    let write_ops =
-        counter_family(&mut r, "trireme_nbd_write_ops", "NBD writes served, by export.");
+        counter_family(&mut r, "trireme_nbd_read_bytes", "Bytes read over NBD, by export");
+    let write_ops = counter_family(&mut r, "trireme_nbd_write_ops", "NBD writes served, by export");
     let write_bytes =
-        counter_family(&mut r, "trireme_nbd_write_bytes", "Bytes written over NBD, by export.");
+        counter_family(&mut r, "trireme_nbd_write_bytes", "Bytes written over NBD, by export");
     let other_ops = counter_family(
         &mut r,
         "trireme_nbd_other_ops",
-        "NBD flush, trim, write-zeroes and block-status requests, by export.",
+        "NBD flush, trim, write-zeroes and block-status requests, by export",
     );
     let errors =
-        counter_family(&mut r, "trireme_nbd_errors", "NBD requests answered with an error.");
+        counter_family(&mut r, "trireme_nbd_errors", "NBD requests answered with an error");
+    let latency = Family::<Labels, Counted>::default();
+    r.register(
+        "trireme_nbd_latency_seconds",
+        "Time from an NBD request's arrival to its reply being ready, by export and operation \
+         (read, write, flush, other)",
+        latency.clone(),
+    );
     for (export, s) in nbd.all() {
+        for kind in OpKind::ALL {
+            let labels = vec![("export", export.clone()), ("op", kind.as_str().to_owned())];
+            // A fresh family per scrape: the cell is always empty here.
+            let _ = latency.get_or_create(&labels).0.set(*s.latency(kind));
+        }
         let labels = vec![("export", export)];
         read_ops.get_or_create(&labels).inc_by(s.read_ops);
         read_bytes.get_or_create(&labels).inc_by(s.read_bytes);

@@ -310,6 +310,17 @@ async fn volume_lifecycle_through_grpc_and_nbd_survives_a_restart() {
     );
     let written = sample(&m, &format!("trireme_nbd_write_bytes_total{{export=\"{volume_id}\"}}"));
     assert!(written >= data.len() as f64, "{written}");
+    // Every write is in the latency histogram, and its buckets add up.
+    let writes = sample(&m, &format!("trireme_nbd_write_ops_total{{export=\"{volume_id}\"}}"));
+    let hist = |suffix: &str, le: &str| {
+        let labels = format!("{le}export=\"{volume_id}\",op=\"write\"");
+        sample(&m, &format!("trireme_nbd_latency_seconds_{suffix}{{{labels}}}"))
+    };
+    assert!(writes >= 1.0);
+    assert_eq!(hist("count", ""), writes);
+    assert_eq!(hist("bucket", "le=\"+Inf\","), writes);
+    assert!(hist("bucket", "le=\"0.00005\",") <= hist("bucket", "le=\"10.0\","));
+    assert!(hist("sum", "") > 0.0);
 
     // The replica is shared too, for remote nexuses.
     let replica_uri = format!("nbd://{}/replica-{}", e.running.nbd_addr(), replica_id);

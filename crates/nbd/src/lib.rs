@@ -32,4 +32,6 @@ pub use client::{
 pub use export::{BlockSizes, Capabilities, Export, ExportError, ExportRegistry, Extent};
 pub use request::export_errno;
 pub use server::{ServerConfig, serve_tcp, serve_unix};
-pub use stats::{ExportStats, ServerStats, StatsSnapshot};
+pub use stats::{
+    ExportStats, LATENCY_BOUNDS_NS, LatencySnapshot, OpKind, ServerStats, StatsSnapshot,
+};

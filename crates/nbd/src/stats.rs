@@ -1,11 +1,109 @@
-//! Per-export counters of served operations and bytes, shared by every connection to the
-//! export. Plain atomics: the metrics layer (later) reads snapshots and exports them.
+//! Per-export counters of served operations and bytes, and a latency histogram per kind of
+//! operation, shared by every connection to the export. Plain atomics, so that the data path
+//! pays a few uncontended increments per request; the engine's metrics read snapshots.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use crate::proto::{Command, Request};
+
+/// Upper bounds of the latency buckets, in nanoseconds: from 50 µs (a fast device's read) to
+/// 10 s (past any sane request), roughly ×2 apart. Anything slower lands in the last, unbounded
+/// bucket.
+pub const LATENCY_BOUNDS_NS: [u64; 17] = [
+    50_000,
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    100_000_000,
+    250_000_000,
+    500_000_000,
+    1_000_000_000,
+    2_500_000_000,
+    5_000_000_000,
+    10_000_000_000,
+];
+const BUCKETS: usize = LATENCY_BOUNDS_NS.len() + 1;
+
+/// The kinds of operation a latency histogram is kept for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OpKind {
+    Read,
+    Write,
+    /// FLUSH: what a database's fsync waits for. (A write with FUA counts as a write.)
+    Flush,
+    /// TRIM, WRITE_ZEROES, BLOCK_STATUS, CACHE and unknown commands.
+    Other,
+}
+
+impl OpKind {
+    pub const ALL: [OpKind; 4] = [OpKind::Read, OpKind::Write, OpKind::Flush, OpKind::Other];
+
+    fn of(command: Command) -> Self {
+        match command {
+            Command::Read => OpKind::Read,
+            Command::Write => OpKind::Write,
+            Command::Flush => OpKind::Flush,
+            _ => OpKind::Other,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OpKind::Read => "read",
+            OpKind::Write => "write",
+            OpKind::Flush => "flush",
+            OpKind::Other => "other",
+        }
+    }
+}
+
+/// Time from a request's arrival (its payload read, for a write) to its reply being ready.
+#[derive(Debug, Default)]
+struct Latency {
+    buckets: [AtomicU64; BUCKETS],
+    sum_ns: AtomicU64,
+}
+
+impl Latency {
+    fn record(&self, took: Duration) {
+        let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        let i = LATENCY_BOUNDS_NS.partition_point(|&bound| bound < ns);
+        self.buckets[i].fetch_add(1, Relaxed);
+        self.sum_ns.fetch_add(ns, Relaxed);
+    }
+
+    fn snapshot(&self) -> LatencySnapshot {
+        LatencySnapshot {
+            buckets: std::array::from_fn(|i| self.buckets[i].load(Relaxed)),
+            sum: Duration::from_nanos(self.sum_ns.load(Relaxed)),
+        }
+    }
+}
+
+/// A point-in-time copy of one latency histogram.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LatencySnapshot {
+    /// Requests per bucket (not cumulative): `buckets[i]` took at most
+    /// `LATENCY_BOUNDS_NS[i]` and more than the bound before; the last bucket is unbounded.
+    pub buckets: [u64; BUCKETS],
+    /// Total time of all requests counted.
+    pub sum: Duration,
+}
+
+impl LatencySnapshot {
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().sum()
+    }
+}
 
 /// Counters of one export.
 #[derive(Debug, Default)]
@@ -16,6 +114,8 @@ pub struct ExportStats {
     write_bytes: AtomicU64,
     other_ops: AtomicU64,
     errors: AtomicU64,
+    /// Indexed like [`OpKind::ALL`].
+    latency: [Latency; 4],
 }
 
 /// A point-in-time copy of [`ExportStats`].
@@ -29,10 +129,19 @@ pub struct StatsSnapshot {
     pub other_ops: u64,
     /// Requests answered with an error.
     pub errors: u64,
+    /// Latency of every request, answered with an error or not, indexed like [`OpKind::ALL`].
+    pub latency: [LatencySnapshot; 4],
+}
+
+impl StatsSnapshot {
+    pub fn latency(&self, kind: OpKind) -> &LatencySnapshot {
+        &self.latency[kind as usize]
+    }
 }
 
 impl ExportStats {
-    pub(crate) fn record(&self, req: &Request, ok: bool) {
+    pub(crate) fn record(&self, req: &Request, ok: bool, took: Duration) {
+        self.latency[OpKind::of(req.command) as usize].record(took);
         let len = u64::from(req.length);
         match req.command {
             Command::Read if ok => {
@@ -60,6 +169,7 @@ impl ExportStats {
             write_bytes: self.write_bytes.load(Relaxed),
             other_ops: self.other_ops.load(Relaxed),
             errors: self.errors.load(Relaxed),
+            latency: std::array::from_fn(|i| self.latency[i].snapshot()),
         }
     }
 }
@@ -86,5 +196,40 @@ impl ServerStats {
     pub fn all(&self) -> Vec<(String, StatsSnapshot)> {
         let map = self.exports.lock().unwrap_or_else(|p| p.into_inner());
         map.iter().map(|(k, v)| (k.clone(), v.snapshot())).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latencies_land_in_the_bucket_whose_bound_they_do_not_exceed() {
+        let l = Latency::default();
+        for us in [1, 50, 51, 100, 700, 20_000_000] {
+            l.record(Duration::from_micros(us));
+        }
+        let s = l.snapshot();
+        assert_eq!(s.buckets[0], 2, "1 µs and exactly 50 µs");
+        assert_eq!(s.buckets[1], 2, "51 µs and 100 µs");
+        assert_eq!(s.buckets[4], 1, "700 µs is under 1 ms");
+        assert_eq!(s.buckets[BUCKETS - 1], 1, "20 s is past the last bound");
+        assert_eq!(s.count(), 6);
+        assert_eq!(s.sum, Duration::from_micros(1 + 50 + 51 + 100 + 700 + 20_000_000));
+    }
+
+    #[test]
+    fn each_kind_of_request_has_its_own_histogram() {
+        let stats = ExportStats::default();
+        let req = |command| Request { flags: 0, command, cookie: 1, offset: 0, length: 4096 };
+        stats.record(&req(Command::Read), true, Duration::from_micros(80));
+        stats.record(&req(Command::Flush), true, Duration::from_millis(3));
+        stats.record(&req(Command::Trim), false, Duration::from_micros(10));
+        let s = stats.snapshot();
+        assert_eq!(s.latency(OpKind::Read).buckets[1], 1);
+        assert_eq!(s.latency(OpKind::Write).count(), 0);
+        assert_eq!(s.latency(OpKind::Flush).buckets[6], 1);
+        assert_eq!(s.latency(OpKind::Other).count(), 1);
+        assert_eq!((s.read_ops, s.other_ops, s.errors), (1, 2, 1));
     }
 }

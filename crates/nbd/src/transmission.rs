@@ -26,7 +26,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use tokio::io::{
@@ -163,6 +163,7 @@ pub(crate) async fn run<R, W>(
         let sink = Arc::clone(&sink);
         let stats = Arc::clone(&stats);
         sink.begin();
+        let arrived = Instant::now();
         tasks.spawn(async move {
             // A panic in the export must still answer this cookie, or the client waits forever.
             let result = match AssertUnwindSafe(ctx.execute(&req, payload)).catch_unwind().await {
@@ -172,7 +173,7 @@ pub(crate) async fn run<R, W>(
                     Err(Failure { errno: errno::EIO, message: "internal error".into() })
                 }
             };
-            stats.record(&req, result.is_ok());
+            stats.record(&req, result.is_ok(), arrived.elapsed());
             if let Err(f) = &result {
                 debug!(cookie = req.cookie, command = ?req.command, errno = f.errno, "{}", f.message);
             }

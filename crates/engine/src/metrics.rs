@@ -20,8 +20,8 @@ use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use trireme_nbd::{Export, LATENCY_BOUNDS_NS, LatencySnapshot, OpKind, ServerStats};
-use trireme_types::{ChildState, NexusState};
+use trireme_nbd::{Export, OpKind, ServerStats};
+use trireme_types::{ChildState, LATENCY_BOUNDS_NS, LatencySnapshot, NexusState};
 
 use crate::engine::Engine;
 use crate::pools::PoolStatus;
@@ -114,8 +114,43 @@ fn render(engine: &Engine, nbd: &ServerStats) -> Result<String, std::fmt::Error>
         gauge_family(&mut r, "trireme_pool_capacity_bytes", "Usable capacity of the pool");
     let used = gauge_family(&mut r, "trireme_pool_used_bytes", "Bytes allocated in the pool");
     let replicas = gauge_family(&mut r, "trireme_pool_replicas", "Replicas in the pool");
+    let disk_ops = counter_family(
+        &mut r,
+        "trireme_pool_disk_ops",
+        "Operations the pool asked of its disk (metadata and data), by op (read, write, sync)",
+    );
+    let disk_bytes = counter_family(
+        &mut r,
+        "trireme_pool_disk_bytes",
+        "Bytes the pool read from and wrote to its disk, by op (read, write)",
+    );
+    let disk_errors =
+        counter_family(&mut r, "trireme_pool_disk_errors", "Disk operations that failed");
+    let disk_latency = Family::<Labels, Counted>::default();
+    r.register(
+        "trireme_pool_disk_latency_seconds",
+        "Time the pool's disk took per operation, by op (read, write, sync)",
+        disk_latency.clone(),
+    );
     for p in engine.list_pools() {
-        let labels = vec![("pool", p.name.to_string())];
+        let pool = p.name.to_string();
+        if let Some(d) = p.disk_stats {
+            let by_op = |op: &str| vec![("pool", pool.clone()), ("op", op.to_owned())];
+            for (op, ops, bytes, latency) in [
+                ("read", d.read_ops, Some(d.read_bytes), d.read_latency),
+                ("write", d.write_ops, Some(d.write_bytes), d.write_latency),
+                ("sync", d.sync_ops, None, d.sync_latency),
+            ] {
+                disk_ops.get_or_create(&by_op(op)).inc_by(ops);
+                if let Some(bytes) = bytes {
+                    disk_bytes.get_or_create(&by_op(op)).inc_by(bytes);
+                }
+                // A fresh family per scrape: the cell is always empty here.
+                let _ = disk_latency.get_or_create(&by_op(op)).0.set(latency);
+            }
+            disk_errors.get_or_create(&vec![("pool", pool.clone())]).inc_by(d.errors);
+        }
+        let labels = vec![("pool", pool)];
         let online = matches!(p.status, PoolStatus::Online(_));
         pool_online.get_or_create(&labels).set(i64::from(online));
         if let PoolStatus::Online(info) = p.status {

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
-use trireme_pool::{CreateOptions, Pool, PoolError, PoolInfo, ReplicaInfo};
+use trireme_pool::{CreateOptions, DiskStatsSnapshot, Pool, PoolError, PoolInfo, ReplicaInfo};
 use trireme_types::{ByteSize, PoolId, ReplicaId};
 
 use crate::error::EngineError;
@@ -73,6 +73,8 @@ pub struct PoolView {
     pub name: PoolId,
     pub disk: PathBuf,
     pub status: PoolStatus,
+    /// The disk's counters while the pool is online.
+    pub disk_stats: Option<DiskStatsSnapshot>,
 }
 
 #[derive(Debug, Clone)]
@@ -282,6 +284,7 @@ impl Pools {
             .map(|(name, disk, status)| PoolView {
                 name,
                 disk,
+                disk_stats: status.as_ref().ok().map(|p| p.disk_stats()),
                 status: match status {
                     Ok(p) => PoolStatus::Online(p.info()),
                     Err(s) => s,

@@ -304,6 +304,13 @@ async fn volume_lifecycle_through_grpc_and_nbd_survives_a_restart() {
     let m = scrape(e.running.metrics_addr().unwrap()).await;
     assert_eq!(sample(&m, "trireme_pool_online{pool=\"pool-1\"}"), 1.0);
     assert!(sample(&m, "trireme_pool_capacity_bytes{pool=\"pool-1\"}") > 0.0);
+    // The pool's disk saw the volume's data written, and each write has a latency sample.
+    let pool_disk = |name: &str, op: &str| {
+        sample(&m, &format!("trireme_pool_disk_{name}{{pool=\"pool-1\",op=\"{op}\"}}"))
+    };
+    assert!(pool_disk("bytes_total", "write") >= data.len() as f64);
+    assert!(pool_disk("ops_total", "sync") >= 1.0);
+    assert_eq!(pool_disk("latency_seconds_count", "write"), pool_disk("ops_total", "write"));
     assert_eq!(
         sample(&m, &format!("trireme_nexus_state{{volume=\"{volume_id}\",state=\"online\"}}")),
         1.0

@@ -32,6 +32,4 @@ pub use client::{
 pub use export::{BlockSizes, Capabilities, Export, ExportError, ExportRegistry, Extent};
 pub use request::export_errno;
 pub use server::{ServerConfig, serve_tcp, serve_unix};
-pub use stats::{
-    ExportStats, LATENCY_BOUNDS_NS, LatencySnapshot, OpKind, ServerStats, StatsSnapshot,
-};
+pub use stats::{ExportStats, OpKind, ServerStats, StatsSnapshot};

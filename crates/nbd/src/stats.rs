@@ -7,31 +7,9 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::proto::{Command, Request};
+use trireme_types::{LatencyHistogram, LatencySnapshot};
 
-/// Upper bounds of the latency buckets, in nanoseconds: from 50 µs (a fast device's read) to
-/// 10 s (past any sane request), roughly ×2 apart. Anything slower lands in the last, unbounded
-/// bucket.
-pub const LATENCY_BOUNDS_NS: [u64; 17] = [
-    50_000,
-    100_000,
-    250_000,
-    500_000,
-    1_000_000,
-    2_500_000,
-    5_000_000,
-    10_000_000,
-    25_000_000,
-    50_000_000,
-    100_000_000,
-    250_000_000,
-    500_000_000,
-    1_000_000_000,
-    2_500_000_000,
-    5_000_000_000,
-    10_000_000_000,
-];
-const BUCKETS: usize = LATENCY_BOUNDS_NS.len() + 1;
+use crate::proto::{Command, Request};
 
 /// The kinds of operation a latency histogram is kept for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -66,45 +44,6 @@ impl OpKind {
     }
 }
 
-/// Time from a request's arrival (its payload read, for a write) to its reply being ready.
-#[derive(Debug, Default)]
-struct Latency {
-    buckets: [AtomicU64; BUCKETS],
-    sum_ns: AtomicU64,
-}
-
-impl Latency {
-    fn record(&self, took: Duration) {
-        let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
-        let i = LATENCY_BOUNDS_NS.partition_point(|&bound| bound < ns);
-        self.buckets[i].fetch_add(1, Relaxed);
-        self.sum_ns.fetch_add(ns, Relaxed);
-    }
-
-    fn snapshot(&self) -> LatencySnapshot {
-        LatencySnapshot {
-            buckets: std::array::from_fn(|i| self.buckets[i].load(Relaxed)),
-            sum: Duration::from_nanos(self.sum_ns.load(Relaxed)),
-        }
-    }
-}
-
-/// A point-in-time copy of one latency histogram.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct LatencySnapshot {
-    /// Requests per bucket (not cumulative): `buckets[i]` took at most
-    /// `LATENCY_BOUNDS_NS[i]` and more than the bound before; the last bucket is unbounded.
-    pub buckets: [u64; BUCKETS],
-    /// Total time of all requests counted.
-    pub sum: Duration,
-}
-
-impl LatencySnapshot {
-    pub fn count(&self) -> u64 {
-        self.buckets.iter().sum()
-    }
-}
-
 /// Counters of one export.
 #[derive(Debug, Default)]
 pub struct ExportStats {
@@ -114,8 +53,9 @@ pub struct ExportStats {
     write_bytes: AtomicU64,
     other_ops: AtomicU64,
     errors: AtomicU64,
-    /// Indexed like [`OpKind::ALL`].
-    latency: [Latency; 4],
+    /// Time from a request's arrival (its payload read, for a write) to its reply being
+    /// ready, indexed like [`OpKind::ALL`].
+    latency: [LatencyHistogram; 4],
 }
 
 /// A point-in-time copy of [`ExportStats`].
@@ -202,21 +142,6 @@ impl ServerStats {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn latencies_land_in_the_bucket_whose_bound_they_do_not_exceed() {
-        let l = Latency::default();
-        for us in [1, 50, 51, 100, 700, 20_000_000] {
-            l.record(Duration::from_micros(us));
-        }
-        let s = l.snapshot();
-        assert_eq!(s.buckets[0], 2, "1 µs and exactly 50 µs");
-        assert_eq!(s.buckets[1], 2, "51 µs and 100 µs");
-        assert_eq!(s.buckets[4], 1, "700 µs is under 1 ms");
-        assert_eq!(s.buckets[BUCKETS - 1], 1, "20 s is past the last bound");
-        assert_eq!(s.count(), 6);
-        assert_eq!(s.sum, Duration::from_micros(1 + 50 + 51 + 100 + 700 + 20_000_000));
-    }
 
     #[test]
     fn each_kind_of_request_has_its_own_histogram() {

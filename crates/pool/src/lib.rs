@@ -44,5 +44,6 @@ mod tests;
 
 pub use error::PoolError;
 pub use info::{Allocation, CreateOptions, PoolInfo, ReplicaInfo, ReplicaMeta, SnapshotInfo};
+pub use io::DiskStatsSnapshot;
 pub use pool::Pool;
 pub use replica::Replica;

@@ -15,7 +15,7 @@ use trireme_types::{ByteSize, ReplicaId, SnapshotId};
 use uuid::Uuid;
 
 use crate::inner::Inner;
-use crate::io::{BLOCK, Backend};
+use crate::io::{BLOCK, Backend, DiskStatsSnapshot};
 use crate::journal;
 use crate::layout::{Layout, MAX_NAME, SUPER_SIZE, Superblock};
 use crate::meta::{Meta, Record, ReplicaState, clusters_for};
@@ -235,6 +235,11 @@ impl Pool {
 
     pub fn disk(&self) -> &Path {
         &self.inner.disk
+    }
+
+    /// What the pool has asked of its disk since it was opened: operations, bytes, latency.
+    pub fn disk_stats(&self) -> DiskStatsSnapshot {
+        self.inner.dev.stats()
     }
 
     /// Zeroes freshly reserved clusters so that no replica sees another's old data.

@@ -11,6 +11,9 @@
 //!                               ├─ Sync   (pread/pwrite on tokio's blocking pool; fallback)
 //!                               └─ Mem    (tests only: in-memory disk with crash injection)
 //! ```
+//!
+//! The backend also counts what it does ([`DiskStats`]): operations, bytes and latency by kind,
+//! so an operator sees a failing disk slow down before it fails.
 
 #[cfg(test)]
 pub(crate) mod mem;
@@ -23,20 +26,107 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Instant;
 
 use trireme_iobuf::IoBuf;
+use trireme_types::{LatencyHistogram, LatencySnapshot};
 
 /// The unit of alignment for every backend operation.
 pub(crate) const BLOCK: u64 = 4096;
 
-pub(crate) enum Backend {
+pub(crate) struct Backend {
+    pub(crate) dev: Device,
+    stats: DiskStats,
+}
+
+pub(crate) enum Device {
     Uring(uring::Uring),
     Sync(sync::SyncDev),
     #[cfg(test)]
     Mem(Arc<mem::MemDev>),
 }
 
+/// Counters of a pool's disk operations: metadata and data alike, as the disk sees them.
+#[derive(Debug, Default)]
+struct DiskStats {
+    read_ops: AtomicU64,
+    read_bytes: AtomicU64,
+    write_ops: AtomicU64,
+    write_bytes: AtomicU64,
+    sync_ops: AtomicU64,
+    errors: AtomicU64,
+    read_latency: LatencyHistogram,
+    write_latency: LatencyHistogram,
+    sync_latency: LatencyHistogram,
+}
+
+/// A point-in-time copy of a pool's disk counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DiskStatsSnapshot {
+    pub read_ops: u64,
+    pub read_bytes: u64,
+    pub write_ops: u64,
+    pub write_bytes: u64,
+    /// Flushes of the disk's write cache (fdatasync).
+    pub sync_ops: u64,
+    /// Operations the disk failed.
+    pub errors: u64,
+    pub read_latency: LatencySnapshot,
+    pub write_latency: LatencySnapshot,
+    pub sync_latency: LatencySnapshot,
+}
+
+impl DiskStats {
+    fn done<T>(
+        &self,
+        ops: &AtomicU64,
+        bytes: Option<(&AtomicU64, usize)>,
+        latency: &LatencyHistogram,
+        started: Instant,
+        r: &io::Result<T>,
+    ) {
+        latency.record(started.elapsed());
+        if r.is_err() {
+            self.errors.fetch_add(1, Relaxed);
+            return;
+        }
+        ops.fetch_add(1, Relaxed);
+        if let Some((counter, n)) = bytes {
+            counter.fetch_add(n as u64, Relaxed);
+        }
+    }
+
+    fn snapshot(&self) -> DiskStatsSnapshot {
+        DiskStatsSnapshot {
+            read_ops: self.read_ops.load(Relaxed),
+            read_bytes: self.read_bytes.load(Relaxed),
+            write_ops: self.write_ops.load(Relaxed),
+            write_bytes: self.write_bytes.load(Relaxed),
+            sync_ops: self.sync_ops.load(Relaxed),
+            errors: self.errors.load(Relaxed),
+            read_latency: self.read_latency.snapshot(),
+            write_latency: self.write_latency.snapshot(),
+            sync_latency: self.sync_latency.snapshot(),
+        }
+    }
+}
+
 impl Backend {
+    fn new(dev: Device) -> Self {
+        Self { dev, stats: DiskStats::default() }
+    }
+
+    /// An in-memory disk (tests).
+    #[cfg(test)]
+    pub(crate) fn mem(dev: Arc<mem::MemDev>) -> Self {
+        Self::new(Device::Mem(dev))
+    }
+
+    pub(crate) fn stats(&self) -> DiskStatsSnapshot {
+        self.stats.snapshot()
+    }
+
     /// Opens `path` for direct I/O, preferring io_uring. Falls back to buffered I/O when the
     /// file system refuses `O_DIRECT`, and to pread/pwrite when io_uring is unavailable.
     pub(crate) fn open(path: &Path) -> io::Result<Self> {
@@ -62,10 +152,10 @@ impl Backend {
         })?;
         let file = Arc::new(file);
         match uring::Uring::new(file.clone()) {
-            Ok(u) => Ok(Self::Uring(u)),
+            Ok(u) => Ok(Self::new(Device::Uring(u))),
             Err(e) => {
                 tracing::warn!(error = %e, "io_uring unavailable; falling back to pread/pwrite");
-                Ok(Self::Sync(sync::SyncDev::new(file)))
+                Ok(Self::new(Device::Sync(sync::SyncDev::new(file))))
             }
         }
     }
@@ -75,25 +165,25 @@ impl Backend {
     pub(crate) fn open_sync(path: &Path) -> io::Result<Self> {
         let file = OpenOptions::new().read(true).write(true).open(path)?;
         lock(&file, libc::LOCK_EX | libc::LOCK_NB)?;
-        Ok(Self::Sync(sync::SyncDev::new(Arc::new(file))))
+        Ok(Self::new(Device::Sync(sync::SyncDev::new(Arc::new(file)))))
     }
 
     pub(crate) fn kind(&self) -> &'static str {
-        match self {
-            Self::Uring(_) => "io_uring",
-            Self::Sync(_) => "sync",
+        match &self.dev {
+            Device::Uring(_) => "io_uring",
+            Device::Sync(_) => "sync",
             #[cfg(test)]
-            Self::Mem(_) => "mem",
+            Device::Mem(_) => "mem",
         }
     }
 
     /// Drops the exclusive lock on the disk (after close: no more I/O will be issued).
     pub(crate) fn unlock(&self) {
-        let file = match self {
-            Self::Uring(u) => u.file(),
-            Self::Sync(s) => s.file(),
+        let file = match &self.dev {
+            Device::Uring(u) => u.file(),
+            Device::Sync(s) => s.file(),
             #[cfg(test)]
-            Self::Mem(_) => return,
+            Device::Mem(_) => return,
         };
         if let Err(e) = lock(file, libc::LOCK_UN) {
             tracing::warn!(error = %e, "unlocking the pool disk failed");
@@ -102,11 +192,11 @@ impl Backend {
 
     /// Size of the backing store in bytes.
     pub(crate) fn size(&self) -> io::Result<u64> {
-        match self {
-            Self::Uring(u) => file_size(u.file()),
-            Self::Sync(s) => file_size(s.file()),
+        match &self.dev {
+            Device::Uring(u) => file_size(u.file()),
+            Device::Sync(s) => file_size(s.file()),
             #[cfg(test)]
-            Self::Mem(m) => Ok(m.size()),
+            Device::Mem(m) => Ok(m.size()),
         }
     }
 
@@ -119,12 +209,16 @@ impl Backend {
         off: u64,
     ) -> (IoBuf, io::Result<()>) {
         debug_assert!(buf_off + len <= buf.capacity());
-        match self {
-            Self::Uring(u) => u.rw(false, buf, buf_off, len, off).await,
-            Self::Sync(s) => s.rw(false, buf, buf_off, len, off).await,
+        let started = Instant::now();
+        let (buf, r) = match &self.dev {
+            Device::Uring(u) => u.rw(false, buf, buf_off, len, off).await,
+            Device::Sync(s) => s.rw(false, buf, buf_off, len, off).await,
             #[cfg(test)]
-            Self::Mem(m) => m.rw(false, buf, buf_off, len, off),
-        }
+            Device::Mem(m) => m.rw(false, buf, buf_off, len, off),
+        };
+        let st = &self.stats;
+        st.done(&st.read_ops, Some((&st.read_bytes, len)), &st.read_latency, started, &r);
+        (buf, r)
     }
 
     /// Writes `buf[buf_off..buf_off+len]` at disk offset `off`.
@@ -136,31 +230,39 @@ impl Backend {
         off: u64,
     ) -> (IoBuf, io::Result<()>) {
         debug_assert!(buf_off + len <= buf.capacity());
-        match self {
-            Self::Uring(u) => u.rw(true, buf, buf_off, len, off).await,
-            Self::Sync(s) => s.rw(true, buf, buf_off, len, off).await,
+        let started = Instant::now();
+        let (buf, r) = match &self.dev {
+            Device::Uring(u) => u.rw(true, buf, buf_off, len, off).await,
+            Device::Sync(s) => s.rw(true, buf, buf_off, len, off).await,
             #[cfg(test)]
-            Self::Mem(m) => m.rw(true, buf, buf_off, len, off),
-        }
+            Device::Mem(m) => m.rw(true, buf, buf_off, len, off),
+        };
+        let st = &self.stats;
+        st.done(&st.write_ops, Some((&st.write_bytes, len)), &st.write_latency, started, &r);
+        (buf, r)
     }
 
     /// Makes every completed write durable (fdatasync).
     pub(crate) async fn sync(&self) -> io::Result<()> {
-        match self {
-            Self::Uring(u) => u.sync().await,
-            Self::Sync(s) => s.sync().await,
+        let started = Instant::now();
+        let r = match &self.dev {
+            Device::Uring(u) => u.sync().await,
+            Device::Sync(s) => s.sync().await,
             #[cfg(test)]
-            Self::Mem(m) => m.sync(),
-        }
+            Device::Mem(m) => m.sync(),
+        };
+        let st = &self.stats;
+        st.done(&st.sync_ops, None, &st.sync_latency, started, &r);
+        r
     }
 
     /// Makes `[off, off+len)` read as zeroes, cheaply where the file system allows.
     pub(crate) async fn zero(&self, off: u64, len: u64) -> io::Result<()> {
-        let file = match self {
-            Self::Uring(u) => u.file().clone(),
-            Self::Sync(s) => s.file().clone(),
+        let file = match &self.dev {
+            Device::Uring(u) => u.file().clone(),
+            Device::Sync(s) => s.file().clone(),
             #[cfg(test)]
-            Self::Mem(m) => return m.zero(off, len),
+            Device::Mem(m) => return m.zero(off, len),
         };
         // fallocate can wait on the file system's journal: keep it off the async workers.
         let done = tokio::task::spawn_blocking(move || zero_by_fallocate(&file, off, len))

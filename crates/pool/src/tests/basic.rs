@@ -188,7 +188,7 @@ async fn superblock_copies_and_truncation() {
     // Formatting over a pool is refused.
     let dev3 = Arc::new(MemDev::from_image(image));
     let opts = CreateOptions::new("again");
-    let r = Pool::create_on(PathBuf::from("mem"), Backend::Mem(dev3), opts, None).await;
+    let r = Pool::create_on(PathBuf::from("mem"), Backend::mem(dev3), opts, None).await;
     assert!(matches!(r, Err(PoolError::AlreadyFormatted { .. })));
 }
 
@@ -201,7 +201,7 @@ async fn formatting_refuses_a_disk_that_is_not_blank() {
     let image = dev.crash_image(crate::io::mem::Survivors::None);
     let create = |image: Vec<u8>| async move {
         let dev = Arc::new(MemDev::from_image(image));
-        Pool::create_on(PathBuf::from("mem"), Backend::Mem(dev), CreateOptions::new("new"), None)
+        Pool::create_on(PathBuf::from("mem"), Backend::mem(dev), CreateOptions::new("new"), None)
             .await
     };
 

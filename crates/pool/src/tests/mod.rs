@@ -14,8 +14,8 @@ use std::sync::Arc;
 use trireme_iobuf::IoBuf;
 use trireme_types::ByteSize;
 
-use crate::io::Backend;
 use crate::io::mem::MemDev;
+use crate::io::{Backend, Device};
 use crate::{CreateOptions, Pool, Replica};
 
 pub(crate) const CS: u64 = 64 << 10;
@@ -46,7 +46,7 @@ pub(crate) async fn mem_pool(geo: &Geo) -> (Arc<MemDev>, Arc<Pool>) {
     let opts = CreateOptions { name: "test".into(), cluster_size: ByteSize::b(CS), size: None };
     let pool = Pool::create_on(
         PathBuf::from("mem"),
-        Backend::Mem(dev.clone()),
+        Backend::mem(dev.clone()),
         opts,
         Some((geo.ckpt, geo.journal)),
     )
@@ -59,7 +59,7 @@ pub(crate) async fn import_image(
     image: Vec<u8>,
 ) -> Result<(Arc<MemDev>, Arc<Pool>), crate::PoolError> {
     let dev = Arc::new(MemDev::from_image(image));
-    let pool = Pool::import_on(PathBuf::from("mem"), Backend::Mem(dev.clone())).await?;
+    let pool = Pool::import_on(PathBuf::from("mem"), Backend::mem(dev.clone())).await?;
     Ok((dev, pool))
 }
 

@@ -33,6 +33,12 @@ pub enum CliError {
     Format(String),
     #[error("cannot write the output: {0}")]
     Write(#[source] std::io::Error),
+    #[error("cannot write the support bundle {path}: {source}")]
+    Dump {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl CliError {

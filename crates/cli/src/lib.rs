@@ -17,6 +17,7 @@
 //! command this version does not have yet.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+mod dump;
 mod error;
 mod event;
 mod node;
@@ -33,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use trireme_api::{Client, ClientError};
 use trireme_up::{Layout, UpState};
 
+pub use dump::DumpArgs;
 pub use error::CliError;
 pub use event::EventArgs;
 pub use node::NodeArgs;
@@ -56,8 +58,8 @@ pub enum Command {
     Event(EventArgs),
     /// Snapshots (not available yet).
     Snapshot(NotYetArgs),
-    /// A support bundle of topology, store, logs and metrics (not available yet).
-    Dump(NotYetArgs),
+    /// A support bundle (.tar.gz) of topology, store, events, metrics and, for a local `up`, logs.
+    Dump(DumpArgs),
 }
 
 /// Accepts anything, so that a command from a later version answers "not available yet"
@@ -129,10 +131,24 @@ impl Command {
     /// after the noun wins, and a leading flag wins over an environment variable or a default.
     pub fn apply_leading(&mut self, leading: &LeadingOpts, noun: &clap::ArgMatches) {
         use clap::parser::ValueSource;
+        let typed_after = |id: &str| noun.value_source(id) == Some(ValueSource::CommandLine);
+        if let Self::Dump(dump) = self {
+            // Its -o names the bundle file; only where to connect carries over.
+            if let Some(api) = &leading.api
+                && !typed_after("api")
+            {
+                dump.api = Some(api.clone());
+            }
+            if let Some(token) = &leading.token
+                && !typed_after("token")
+            {
+                dump.token = Some(token.clone());
+            }
+            return;
+        }
         let Some(global) = self.global_mut() else {
             return;
         };
-        let typed_after = |id: &str| noun.value_source(id) == Some(ValueSource::CommandLine);
         if let Some(output) = leading.output
             && !typed_after("output")
         {
@@ -160,7 +176,7 @@ pub async fn run(command: Command, shutdown: CancellationToken) -> Result<(), Cl
         Command::Replica(args) => replica::run(args).await,
         Command::Event(args) => event::run(args, shutdown).await,
         Command::Snapshot(_) => Err(CliError::NotAvailable("snapshot")),
-        Command::Dump(_) => Err(CliError::NotAvailable("dump")),
+        Command::Dump(args) => dump::run(args).await,
     }
 }
 

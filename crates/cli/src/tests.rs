@@ -179,7 +179,6 @@ async fn later_commands_answer_not_available() {
     for line in [
         "snapshot list",
         "snapshot create v1 s1",
-        "dump -o bundle.tar.gz",
         "volume create v2 --size 1GiB --from-snapshot s1",
     ] {
         let cmd = parse(line).unwrap_or_else(|e| panic!("{line}: {e}"));

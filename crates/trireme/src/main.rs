@@ -229,6 +229,7 @@ mod tests {
             "trireme node get node-1",
             "trireme snapshot list",
             "trireme dump",
+            "trireme --api 127.0.0.1:1 dump -o /tmp/b.tar.gz --data-dir /tmp/up",
         ] {
             let r = parse(line.split_whitespace());
             assert!(r.is_ok(), "{line}: {:?}", r.err());

@@ -47,6 +47,25 @@ async fn silent_client_is_dropped_after_handshake_timeout() {
     srv.stop().await;
 }
 
+/// A client that asks for far more than the socket holds and never reads is dropped at the I/O
+/// timeout, instead of holding the connection and its buffers forever, and others keep being
+/// served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_that_stops_reading_large_replies_is_dropped_after_io_timeout() {
+    let config = ServerConfig { io_timeout: Duration::from_millis(500), ..Default::default() };
+    let srv = start_with(config).await;
+    let mut c = Raw::ready(srv.addr, true).await;
+    for i in 0..64u64 {
+        c.request(Command::Read, 0, i, i << 20, 1 << 20).await;
+    }
+    // Nothing is read until the server has given up on this client.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_healthy(srv.addr).await;
+    assert!(c.closed().await, "the connection stayed open past the I/O timeout");
+    assert_healthy(srv.addr).await;
+    srv.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_client_flags_disconnect() {
     let srv = start().await;

@@ -132,37 +132,28 @@ impl Command {
     pub fn apply_leading(&mut self, leading: &LeadingOpts, noun: &clap::ArgMatches) {
         use clap::parser::ValueSource;
         let typed_after = |id: &str| noun.value_source(id) == Some(ValueSource::CommandLine);
-        if let Self::Dump(dump) = self {
-            // Its -o names the bundle file; only where to connect carries over.
-            if let Some(api) = &leading.api
-                && !typed_after("api")
-            {
-                dump.api = Some(api.clone());
-            }
-            if let Some(token) = &leading.token
-                && !typed_after("token")
-            {
-                dump.token = Some(token.clone());
-            }
-            return;
-        }
-        let Some(global) = self.global_mut() else {
-            return;
+        let (output, api, token) = match self {
+            // Its -o names the bundle file: only where to connect carries over.
+            Self::Dump(dump) => (None, &mut dump.api, &mut dump.token),
+            _ => match self.global_mut() {
+                Some(g) => (Some(&mut g.output), &mut g.api, &mut g.token),
+                None => return,
+            },
         };
-        if let Some(output) = leading.output
+        if let (Some(leading), Some(output)) = (leading.output, output)
             && !typed_after("output")
         {
-            global.output = output;
+            *output = leading;
         }
-        if let Some(api) = &leading.api
+        if let Some(leading) = &leading.api
             && !typed_after("api")
         {
-            global.api = Some(api.clone());
+            *api = Some(leading.clone());
         }
-        if let Some(token) = &leading.token
+        if let Some(leading) = &leading.token
             && !typed_after("token")
         {
-            global.token = Some(token.clone());
+            *token = Some(leading.clone());
         }
     }
 }

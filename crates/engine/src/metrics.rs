@@ -95,6 +95,12 @@ impl EncodeMetric for Counted {
     }
 }
 
+fn histogram_family(registry: &mut Registry, name: &str, help: &str) -> Family<Labels, Counted> {
+    let f = Family::<Labels, Counted>::default();
+    registry.register(name, help, f.clone());
+    f
+}
+
 fn int(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
@@ -126,11 +132,10 @@ fn render(engine: &Engine, nbd: &ServerStats) -> Result<String, std::fmt::Error>
     );
     let disk_errors =
         counter_family(&mut r, "trireme_pool_disk_errors", "Disk operations that failed");
-    let disk_latency = Family::<Labels, Counted>::default();
-    r.register(
+    let disk_latency = histogram_family(
+        &mut r,
         "trireme_pool_disk_latency_seconds",
         "Time the pool's disk took per operation, by op (read, write, sync)",
-        disk_latency.clone(),
     );
     for p in engine.list_pools() {
         let pool = p.name.to_string();
@@ -220,12 +225,11 @@ fn render(engine: &Engine, nbd: &ServerStats) -> Result<String, std::fmt::Error>
     );
     let errors =
         counter_family(&mut r, "trireme_nbd_errors", "NBD requests answered with an error");
-    let latency = Family::<Labels, Counted>::default();
-    r.register(
+    let latency = histogram_family(
+        &mut r,
         "trireme_nbd_latency_seconds",
         "Time from an NBD request's arrival to its reply being ready, by export and operation \
          (read, write, flush, other)",
-        latency.clone(),
     );
     for (export, s) in nbd.all() {
         for kind in OpKind::ALL {

@@ -6,7 +6,8 @@
 //! allows 254), so a scattered 1 MiB read is split into two device requests, and each segment
 //! is a descriptor for the driver and the device. Measured with 1 MiB reads at queue depth 8:
 //! qemu-nbd's scattered buffers ran at ~1.4 device requests per read and ~7.5 ms device
-//! latency; the engine on huge pages, at ~0.95 and ~4 ms, and 1.04–1.21× qemu-nbd's rate.
+//! latency; the engine on huge pages, at ~0.95 and ~4 ms. Its rate went from 0.76–0.90× of
+//! qemu-nbd's to parity, both at the disk's limit (docs/benchmarks.md, session 4).
 //!
 //! So buffers up to [`LARGEST`] bytes come from mappings aligned to [`CHUNK`] (the huge-page
 //! size) that are offered to the kernel for transparent huge pages with

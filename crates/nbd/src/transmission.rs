@@ -3,15 +3,17 @@
 //! ```text
 //!   socket ──> reader (this task) ──spawn──> request task ──> ReplySink ──> socket
 //!                 │ parses headers, reads WRITE            (the first finished request that
-//!                 │ payloads into IoBufs                    finds the socket free writes every
-//!                 └── early error replies ──> ReplySink     queued reply in one vectored write)
+//!                 │ payloads into IoBufs                    finds the socket free writes the
+//!                 └── early error replies ──> ReplySink     queued replies, batch by batch)
 //! ```
 //! Requests run concurrently and may complete out of order; each reply carries its cookie.
 //! There is no writer task: a request that finishes queues its reply and, if no other task is
-//! writing, writes the whole queue itself. At queue depth 1 that saves a cross-task wakeup
-//! per request. Under load a small reply waits one scheduler pass before writing, so replies
-//! finishing together (completions are reaped in batches) leave in one vectored write: one
-//! syscall and one wakeup of the client for the batch.
+//! writing, writes the queue itself. At queue depth 1 that saves a cross-task wakeup per
+//! request. Under load a reply waits one scheduler pass before writing, so replies finishing
+//! together (completions are reaped in batches) are written together: small ones share one
+//! vectored write (one syscall and one wakeup of the client), large ones go one per write with
+//! the reader let in between, so the client's next requests reach the disk while the rest of
+//! the replies are copied out.
 //! Backpressure: the reader takes a slot permit (and, for READ/WRITE, a byte-budget permit)
 //! before accepting a request; permits travel with the reply and are released only once it
 //! has been written, so a client that does not read its replies stops being read from.
@@ -49,14 +51,23 @@ use crate::stats::ExportStats;
 const BUDGET_UNIT: usize = 4096;
 /// Replies gathered into one vectored write.
 const MAX_BATCH: usize = 64;
-/// Largest reply payload worth delaying (by one scheduler pass) to share a write.
-const BATCH_SMALL: usize = 64 << 10;
+/// Payload written in one go after which the writer lets the reader run before writing more.
+const YIELD_AFTER: usize = 64 << 10;
+/// Payload bytes one vectored write gathers before the writer lets the reader run; the first
+/// reply of a batch always goes, however large.
+const BATCH_BYTES: usize = 256 << 10;
 
 /// A reply on its way to the socket, holding the permits it consumed.
 struct Outgoing {
     reply: Reply,
     _slot: Option<OwnedSemaphorePermit>,
     _bytes: Option<OwnedSemaphorePermit>,
+}
+
+impl Outgoing {
+    fn payload_len(&self) -> usize {
+        self.reply.data.as_ref().map_or(0, |d| d.len())
+    }
 }
 
 /// Why the reader stopped.
@@ -282,17 +293,16 @@ impl<W: AsyncWrite + Unpin> ReplySink<W> {
     /// Queues `out` and writes the queue unless another task is already writing it.
     async fn send(&self, out: Outgoing) {
         let others = self.executing.fetch_sub(1, Ordering::AcqRel) > 1;
-        // Only small replies gain from sharing a write; a large one costs its copy either way.
-        let small = out.reply.data.as_ref().is_none_or(|d| d.len() <= BATCH_SMALL);
         if self.broken.load(Ordering::Acquire) {
             return;
         }
         self.queue().push(out);
-        if others && small {
+        if others {
             // Other requests are running and may finish in this same pass of the scheduler
-            // (their completions are often reaped together). Yielding once lets them queue
-            // their replies, so one vectored write carries them all: fewer syscalls, and one
-            // wakeup of the client instead of one per reply. Alone, write at once.
+            // (completions are reaped in batches, and some disks complete a whole queue at
+            // once). Yielding once lets them queue their replies first: small ones then share
+            // one vectored write (one syscall, one wakeup of the client), and large ones are
+            // written one per pass by `drain`, with the reader let in between.
             tokio::task::yield_now().await;
         }
         self.drain().await;
@@ -306,14 +316,11 @@ impl<W: AsyncWrite + Unpin> ReplySink<W> {
         loop {
             let Ok(mut w) = self.writer.try_lock() else { return };
             loop {
-                let batch: Vec<Outgoing> = {
-                    let mut q = self.queue();
-                    let n = q.len().min(MAX_BATCH);
-                    q.drain(..n).collect()
-                };
+                let batch = self.next_batch();
                 if batch.is_empty() {
                     break;
                 }
+                let bytes: usize = batch.iter().map(Outgoing::payload_len).sum();
                 let result = timeout(self.io_timeout, write_batch(&mut *w, &batch)).await;
                 drop(batch);
                 let failed = match result {
@@ -333,12 +340,38 @@ impl<W: AsyncWrite + Unpin> ReplySink<W> {
                     self.conn.cancel();
                     return;
                 }
+                if bytes >= YIELD_AFTER && !self.queue().is_empty() {
+                    // Copying a large reply into the socket keeps this thread busy for
+                    // hundreds of microseconds. Before the next one, let the runtime poll the
+                    // socket: the client answers each reply with a new request, and reading
+                    // it now keeps the disk busy while the rest are written. Without this, a
+                    // disk that completes a queue at once gets the next queue only after every
+                    // reply is out, and sits idle meanwhile.
+                    tokio::task::yield_now().await;
+                }
             }
             drop(w);
             if self.broken.load(Ordering::Acquire) || self.queue().is_empty() {
                 return;
             }
         }
+    }
+
+    /// Takes the replies for one vectored write: up to `MAX_BATCH` of them, and up to
+    /// `BATCH_BYTES` of payload unless the first alone is larger.
+    fn next_batch(&self) -> Vec<Outgoing> {
+        let mut q = self.queue();
+        let mut bytes = 0;
+        let n = q
+            .iter()
+            .take(MAX_BATCH)
+            .take_while(|m| {
+                let first = bytes == 0;
+                bytes += m.payload_len();
+                first || bytes <= BATCH_BYTES
+            })
+            .count();
+        q.drain(..n).collect()
     }
 
     /// Ends the write side once every reply has been written.
@@ -366,3 +399,7 @@ async fn write_batch<W: AsyncWrite + Unpin>(w: &mut W, batch: &[Outgoing]) -> st
     }
     w.flush().await
 }
+
+#[cfg(test)]
+#[path = "transmission_tests.rs"]
+mod tests;

@@ -307,10 +307,11 @@ async fn reaper(shared: Arc<Shared>, afd: AsyncFd<DupFd>) {
         };
         let mut counter = 0u64;
         // SAFETY: reads 8 bytes into a live u64 from a non-blocking eventfd.
-        let r = unsafe { libc::read(afd.get_ref().as_raw_fd(), (&raw mut counter).cast(), 8) };
-        if r < 0 {
-            guard.clear_ready();
-        }
+        unsafe { libc::read(afd.get_ref().as_raw_fd(), (&raw mut counter).cast(), 8) };
+        // A successful read resets the counter to zero, so the descriptor is drained either
+        // way: no second read to see EAGAIN. A completion posted from here on writes the
+        // eventfd again, a fresh edge that makes it ready again.
+        guard.clear_ready();
         let idle = {
             let mut st = shared.lock();
             st.reap();

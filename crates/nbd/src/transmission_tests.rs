@@ -88,18 +88,14 @@ async fn finish_together(sizes: &[usize]) -> Vec<String> {
     };
     while tasks.join_next().await.is_some() {}
     reader.abort();
-    log.entries().into_iter().filter(|e| e.starts_with("write") || e == "reader").collect()
+    log.entries()
 }
 
 /// The writes in `log`, and whether the reader ran between every two of them.
 fn writes(log: &[String]) -> (Vec<&str>, bool) {
     let writes = log.iter().filter(|e| e.starts_with("write")).map(String::as_str).collect();
-    let reader_between = log
-        .iter()
-        .skip_while(|e| !e.starts_with("write"))
-        .collect::<Vec<_>>()
-        .windows(2)
-        .all(|w| !(w[0].starts_with("write") && w[1].starts_with("write")));
+    let reader_between =
+        log.windows(2).all(|w| !(w[0].starts_with("write") && w[1].starts_with("write")));
     (writes, reader_between)
 }
 

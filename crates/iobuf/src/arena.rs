@@ -7,7 +7,8 @@
 //! is a descriptor for the driver and the device. Measured with 1 MiB reads at queue depth 8:
 //! qemu-nbd's scattered buffers ran at ~1.4 device requests per read and ~7.5 ms device
 //! latency; the engine on huge pages, at ~0.95 and ~4 ms. Its rate went from 0.76–0.90× of
-//! qemu-nbd's to parity, both at the disk's limit (docs/benchmarks.md, session 4).
+//! qemu-nbd's to parity (docs/benchmarks.md, session 4); the rest of the gap was the reply
+//! path waiting in step with the disk, not the buffers (session 5).
 //!
 //! So buffers up to [`LARGEST`] bytes come from mappings aligned to [`CHUNK`] (the huge-page
 //! size) that are offered to the kernel for transparent huge pages with

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Summarises bench/run.sh's fio JSON files: medians per cell, and Trireme's ratio to each peer
 as the median over repeats of the ratio within one repeat (runs of one repeat are adjacent in
-time, so the machine's drifting speed mostly cancels), with the steal seen during the runs."""
+time, so the machine's drifting speed mostly cancels), with the steal seen during the runs.
+p99 is paired the same way, and each row ends with the issue's verdict against qemu-nbd: at
+least its rate with a p99 no worse."""
 import json
 import statistics
 import sys
@@ -9,7 +11,7 @@ from collections import defaultdict
 
 results, rss_kib, size, runtime, repeat = sys.argv[1:6]
 cells = defaultdict(list)
-by_rep = {}  # (rw, bs, depth, target, rep) -> IOPS
+by_rep = {}  # (rw, bs, depth, target, rep) -> (IOPS, p99 µs)
 steal = defaultdict(list)  # (rw, bs, depth, target) -> % of CPU time stolen during each run
 
 
@@ -27,17 +29,19 @@ for line in open(results):
     side = job["write"] if "write" in rw else job["read"]
     p99_ns = side["clat_ns"]["percentile"].get("99.000000", 0)
     cells[(rw, bs, depth, target)].append((side["iops"], side["bw_bytes"] / 1e6, p99_ns / 1000))
-    by_rep[(rw, bs, depth, target, rep)] = side["iops"]
+    by_rep[(rw, bs, depth, target, rep)] = (side["iops"], p99_ns / 1000)
     st = steal_pct(path)
     if st is not None:
         steal[(rw, bs, depth, target)].append(st)
 
 
-def paired(rw, bs, depth, peer):
-    """Median over repeats of Trireme's IOPS over the peer's in the same repeat."""
-    ratios = [v / by_rep[(rw, bs, depth, peer, rep)]
+def paired(rw, bs, depth, peer, i=0):
+    """Median over repeats of Trireme's IOPS (i=0) or p99 (i=1) over the peer's in the same
+    repeat."""
+    ratios = [v[i] / by_rep[(rw, bs, depth, peer, rep)][i]
               for (r, b, d, t, rep), v in by_rep.items()
-              if (r, b, d, t) == (rw, bs, depth, "trireme") and by_rep.get((rw, bs, depth, peer, rep))]
+              if (r, b, d, t) == (rw, bs, depth, "trireme")
+              and by_rep.get((rw, bs, depth, peer, rep), (0, 0))[i]]
     return statistics.median(ratios) if ratios else float("nan")
 
 def med(key, i):
@@ -50,8 +54,9 @@ for key in cells:
         rows.append(row)
 
 print(f"size {size}, {runtime} s per run, median of {repeat}; engine peak RSS {int(rss_kib) // 1024} MiB\n")
-print("| workload | target | IOPS | MB/s | p99 µs | steal % | trireme/qemu-nbd | trireme/raw |")
-print("|---|---|---:|---:|---:|---:|---:|---:|")
+print("| workload | target | IOPS | MB/s | p99 µs | steal % | trireme/qemu-nbd | p99 trireme/qemu-nbd | trireme/raw |")
+print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+verdicts = []
 for rw, bs, depth in rows:
     t = (rw, bs, depth, "trireme")
     for target in ("trireme", "qemu-nbd", "nbdkit", "raw"):
@@ -59,9 +64,18 @@ for rw, bs, depth in rows:
         if not cells[k]:
             continue
         iops, mbs, p99 = med(k, 0), med(k, 1), med(k, 2)
-        ratio_q = ratio_r = ""
+        ratio_q = p99_q = ratio_r = ""
         if target == "trireme":
-            ratio_q = f"{paired(rw, bs, depth, 'qemu-nbd'):.2f}"
+            rate, tail = paired(rw, bs, depth, "qemu-nbd"), paired(rw, bs, depth, "qemu-nbd", 1)
+            ratio_q, p99_q = f"{rate:.2f}", f"{tail:.2f}"
             ratio_r = f"{paired(rw, bs, depth, 'raw'):.2f}"
+            # NaN (no qemu-nbd runs) compares false: not met.
+            met = rate >= 1 and tail <= 1
+            verdicts.append(f"{rw} {bs} QD{depth}: {'met' if met else 'NOT met'} "
+                            f"({rate:.2f}x the rate, {tail:.2f}x the p99)")
         st = f"{statistics.median(steal[k]):.0f}" if steal[k] else ""
-        print(f"| {rw} {bs} QD{depth} | {target} | {iops:,.0f} | {mbs:,.1f} | {p99:,.0f} | {st} | {ratio_q} | {ratio_r} |")
+        print(f"| {rw} {bs} QD{depth} | {target} | {iops:,.0f} | {mbs:,.1f} | {p99:,.0f} | {st} | {ratio_q} | {p99_q} | {ratio_r} |")
+
+print("\nAgainst qemu-nbd (paired medians; target: at least its rate, p99 no worse):")
+for v in verdicts:
+    print(f"- {v}")

@@ -11,7 +11,8 @@
 #   raw       the file itself, fio io_uring with O_DIRECT: the physical limit
 # Rows: 4k randread QD32, 4k randwrite QD32, 4k randread QD1, 1M read QD8, 1M write QD8.
 # Each cell is the median of --repeat runs. Prints a markdown table with Trireme's ratios to
-# qemu-nbd and to raw, and the engine's peak RSS during the run.
+# qemu-nbd (rate and p99, paired within a repeat) and to raw, the engine's peak RSS during the
+# run, and per row whether the issue's target (qemu-nbd's rate or better, p99 no worse) is met.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -42,6 +42,36 @@ impl ClientError {
     }
 }
 
+/// Parses an API address: a URL (`http://host:port`, `https://…`) or `host:port`.
+///
+/// An address carrying credentials, a query or a fragment is refused: the token travels in a
+/// header, and `http://127.0.0.1:7480@example.com` reads as this machine while naming another.
+pub fn parse_address(address: &str) -> Result<reqwest::Url, ClientError> {
+    let address = address.trim();
+    let invalid = || ClientError::InvalidAddress(address.to_owned());
+    let url = if address.contains("://") {
+        reqwest::Url::parse(address)
+    } else {
+        reqwest::Url::parse(&format!("http://{address}"))
+    }
+    .map_err(|_| invalid())?;
+    let plain = matches!(url.scheme(), "http" | "https")
+        && url.host_str().is_some_and(|h| !h.is_empty())
+        && url.username().is_empty()
+        && url.password().is_none()
+        && url.query().is_none()
+        && url.fragment().is_none();
+    if plain { Ok(url) } else { Err(invalid()) }
+}
+
+/// Whether `url` names this machine: `localhost` or a loopback address.
+pub fn is_loopback(url: &reqwest::Url) -> bool {
+    let host = url.host_str().unwrap_or_default();
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
 /// A REST client. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Client {
@@ -51,14 +81,9 @@ pub struct Client {
 }
 
 impl Client {
-    /// `address` is a URL (`http://host:port`) or `host:port`.
+    /// `address` is a URL (`http://host:port`) or `host:port`; see [`parse_address`].
     pub fn new(address: &str, token: Option<String>) -> Result<Self, ClientError> {
-        let address = address.trim().trim_end_matches('/');
-        let base =
-            if address.contains("://") { address.to_owned() } else { format!("http://{address}") };
-        if !(base.starts_with("http://") || base.starts_with("https://")) || base.len() < 10 {
-            return Err(ClientError::InvalidAddress(address.to_owned()));
-        }
+        let base = parse_address(address)?.as_str().trim_end_matches('/').to_owned();
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             // Publish waits for the nexus to come up on its node; everything else is quick.
@@ -290,7 +315,37 @@ mod tests {
             Client::new("http://localhost:7480/", None).unwrap().base_url(),
             "http://localhost:7480"
         );
-        assert!(Client::new("ftp://x:1", None).is_err());
+        assert_eq!(
+            Client::new("https://Example.com:8443/trireme/", None).unwrap().base_url(),
+            "https://example.com:8443/trireme"
+        );
+        for bad in [
+            "ftp://x:1",
+            "",
+            "http://",
+            "http://127.0.0.1:7480@example.com",
+            "http://user:pw@127.0.0.1:7480",
+            "127.0.0.1:7480/?x=1",
+            "127.0.0.1:7480#frag",
+        ] {
+            assert!(Client::new(bad, None).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn loopback_addresses() {
+        let local = |a: &str| parse_address(a).is_ok_and(|u| is_loopback(&u));
+        for a in ["127.0.0.1:7480", "http://127.0.0.1:7480/", "localhost:1", "http://[::1]:7480"] {
+            assert!(local(a), "{a}");
+        }
+        for a in [
+            "10.0.0.1:7480",
+            "https://example.com",
+            "http://[2001:db8::1]:80",
+            "http://[::1]@example.com",
+        ] {
+            assert!(!local(a), "{a}");
+        }
     }
 
     #[test]

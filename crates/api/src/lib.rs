@@ -10,7 +10,7 @@ mod client;
 mod model;
 mod problem;
 
-pub use client::{Client, ClientError};
+pub use client::{Client, ClientError, is_loopback, parse_address};
 pub use model::*;
 pub use problem::Problem;
 

@@ -26,7 +26,6 @@ mod pool;
 mod replica;
 mod volume;
 
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use clap::{Args, Subcommand};
@@ -211,16 +210,10 @@ fn default_api() -> std::net::SocketAddr {
         .unwrap_or_else(|_| std::net::SocketAddr::from(([127, 0, 0, 1], 7480)))
 }
 
-/// Whether an API address (URL or host:port) names this machine.
+/// Whether an API address (URL or host:port) names this machine. An address that does not
+/// parse is not local: no token is read for it, and the client refuses it with its own error.
 fn is_local(api: &str) -> bool {
-    let rest = api.split_once("://").map_or(api, |(_, r)| r);
-    let authority = rest.split('/').next().unwrap_or_default();
-    let host = match authority.strip_prefix('[') {
-        Some(v6) => v6.split(']').next().unwrap_or_default(),
-        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
-    };
-    host.eq_ignore_ascii_case("localhost")
-        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    trireme_api::parse_address(api).is_ok_and(|url| trireme_api::is_loopback(&url))
 }
 
 fn read_token(path: &Path) -> Result<Option<String>, CliError> {

@@ -251,7 +251,16 @@ fn local_addresses() {
     {
         assert!(is_local(a), "{a}");
     }
-    for a in ["10.0.0.1:7480", "https://example.com", "http://[2001:db8::1]:80", "example.com:80"] {
+    for a in [
+        "10.0.0.1:7480",
+        "https://example.com",
+        "http://[2001:db8::1]:80",
+        "example.com:80",
+        // Credentials make the host the part after '@': never local, whatever comes before.
+        "http://127.0.0.1:7480@example.com",
+        "http://[::1]@example.com",
+        "localhost:1@example.com",
+    ] {
         assert!(!is_local(a), "{a}");
     }
 }

@@ -141,6 +141,14 @@ where
         let header = OptionHeader::decode(&raw)?;
         let opt = header.option;
         if header.length > MAX_OPTION_DATA {
+            // NBD_OPT_EXPORT_NAME never gets an option reply (the client would read it as the
+            // export's size and flags): the protocol's only answer to a bad one is to close.
+            if opt == OPT_EXPORT_NAME {
+                return Err(HandshakeError::Protocol(format!(
+                    "NBD_OPT_EXPORT_NAME with {} bytes of data",
+                    header.length
+                )));
+            }
             self.reply(OptionReply::error(opt, REP_ERR_TOO_BIG, "option data too large")).await?;
             if header.length > MAX_OPTION_DISCARD {
                 return Err(HandshakeError::Protocol(format!(

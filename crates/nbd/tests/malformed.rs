@@ -140,6 +140,11 @@ async fn oversized_option_length() {
     c.send(&OptionHeader { option: OPT_GO, length: u32::MAX }.encode()).await;
     assert_eq!(c.option_reply().await.reply_type, REP_ERR_TOO_BIG);
     assert!(c.closed().await);
+    // NBD_OPT_EXPORT_NAME never gets an option reply, not even TOO_BIG (the client would read
+    // it as the export's size and flags): the server closes without a word.
+    let mut c = Raw::negotiating(srv.addr).await;
+    c.send(&OptionHeader { option: OPT_EXPORT_NAME, length: 100 << 10 }.encode()).await;
+    assert!(c.closed_silently().await);
     assert_healthy(srv.addr).await;
     srv.stop().await;
 }

@@ -266,6 +266,12 @@ impl Raw {
     }
 
     /// True when the server has closed the connection (EOF on read).
+    /// Whether the server closes without sending another byte.
+    pub async fn closed_silently(&mut self) -> bool {
+        let mut buf = [0u8; 1];
+        matches!(tokio::time::timeout(TIMEOUT, self.s.read(&mut buf)).await, Ok(Ok(0) | Err(_)))
+    }
+
     pub async fn closed(&mut self) -> bool {
         let mut buf = [0u8; 1024];
         loop {

@@ -12,13 +12,15 @@
 //! entries queued by tasks running in the same scheduler pass share one io_uring_enter (and
 //! one block-layer plug, hence one device notification).
 //! In-flight operations are bounded by a semaphore sized to the submission queue, which keeps
-//! the completion queue (twice as large) from overflowing.
+//! the completion queue (twice as large) from overflowing. Entries the kernel refuses for now
+//! (a failed io_uring_enter) stay queued and the reaper retries them, on a timer if need be.
 
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use io_uring::{IoUring, opcode, types};
 use tokio::io::unix::AsyncFd;
@@ -26,6 +28,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use trireme_iobuf::IoBuf;
 
 const ENTRIES: u32 = 256;
+/// Retry delays for entries the kernel refused to take (a failed io_uring_enter).
+const RETRY_FIRST: Duration = Duration::from_millis(1);
+const RETRY_MAX: Duration = Duration::from_millis(100);
 /// Largest transfer that waits for company before entering the kernel.
 const BATCH_MAX: usize = 64 << 10;
 
@@ -42,18 +47,27 @@ struct RingState {
     slots: Vec<Option<Slot>>,
     free: Vec<usize>,
     in_flight: usize,
+    /// Tests: how many coming submits to fail as a busy kernel would.
+    #[cfg(test)]
+    refuse_submits: usize,
 }
 
 impl RingState {
-    /// Hands every queued entry to the kernel.
-    fn submit_pending(&mut self) {
+    /// Hands every queued entry to the kernel; false if some stay queued (the kernel refused
+    /// them for now: out of memory, or too many completions pending).
+    fn submit_pending(&mut self) -> bool {
         if self.ring.submission().is_empty() {
-            return;
+            return true;
+        }
+        #[cfg(test)]
+        if self.refuse_submits > 0 {
+            self.refuse_submits -= 1;
+            return false;
         }
         if let Err(e) = self.ring.submit() {
-            // The entries stay queued and go out with the next submit.
             tracing::warn!(error = %e, "io_uring submit failed; will retry");
         }
+        self.ring.submission().is_empty()
     }
 
     /// Delivers every available completion to its waiter.
@@ -96,6 +110,12 @@ impl Shared {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Entries stay queued after a failed submit: have the reaper retry them. Without this an
+    /// otherwise idle ring would hold them, and their waiters, until unrelated I/O came along.
+    fn retry_later(&self) {
+        self.kick();
+    }
+
     fn kick(&self) {
         let one: u64 = 1;
         // SAFETY: writes 8 bytes from a live u64 to an eventfd we own.
@@ -126,6 +146,8 @@ impl Uring {
                 slots: Vec::new(),
                 free: Vec::new(),
                 in_flight: 0,
+                #[cfg(test)]
+                refuse_submits: 0,
             }),
             eventfd,
             shutdown: AtomicBool::new(false),
@@ -182,7 +204,9 @@ impl Uring {
                 // from sharing a syscall, and submitted together, adjacent ones are merged by
                 // the block layer into fewer, larger requests, which leaves a parallel device
                 // (a virtual disk, an SSD) with less to work on at once.
-                st.submit_pending();
+                if !st.submit_pending() {
+                    self.shared.retry_later();
+                }
                 st.reap();
                 None
             } else {
@@ -266,7 +290,9 @@ struct SubmitOnDrop<'a>(&'a Shared);
 impl Drop for SubmitOnDrop<'_> {
     fn drop(&mut self) {
         let mut st = self.0.lock();
-        st.submit_pending();
+        if !st.submit_pending() {
+            self.0.retry_later();
+        }
         // Deliver completions that are already there: under load this saves the waiters a
         // trip through the eventfd and the reaper task.
         st.reap();
@@ -297,31 +323,71 @@ impl AsRawFd for DupFd {
 }
 
 async fn reaper(shared: Arc<Shared>, afd: AsyncFd<DupFd>) {
+    // Set while the kernel refuses entries (a failed io_uring_enter left them queued): the
+    // reaper then also wakes on a timer, as no completion may be coming to wake it.
+    let mut retry: Option<Duration> = None;
     loop {
-        let mut guard = match afd.readable().await {
-            Ok(g) => g,
-            Err(e) => {
-                tracing::error!(error = %e, "io_uring eventfd wait failed");
-                return;
-            }
+        let woken = match retry {
+            None => Some(afd.readable().await),
+            Some(delay) => tokio::select! {
+                g = afd.readable() => Some(g),
+                () = tokio::time::sleep(delay) => None,
+            },
         };
-        let mut counter = 0u64;
-        // SAFETY: reads 8 bytes into a live u64 from a non-blocking eventfd.
-        unsafe { libc::read(afd.get_ref().as_raw_fd(), (&raw mut counter).cast(), 8) };
-        // A successful read resets the counter to zero, so the descriptor is drained either
-        // way: no second read to see EAGAIN. A completion posted from here on writes the
-        // eventfd again, a fresh edge that makes it ready again.
-        guard.clear_ready();
-        let idle = {
+        if let Some(woken) = woken {
+            let mut guard = match woken {
+                Ok(g) => g,
+                Err(e) => {
+                    // Only a runtime shutting down gets here; nothing is left to wait for us.
+                    tracing::error!(error = %e, "io_uring eventfd wait failed");
+                    return;
+                }
+            };
+            let mut counter = 0u64;
+            // SAFETY: reads 8 bytes into a live u64 from a non-blocking eventfd.
+            unsafe { libc::read(afd.get_ref().as_raw_fd(), (&raw mut counter).cast(), 8) };
+            // A successful read resets the counter to zero, so the descriptor is drained either
+            // way: no second read to see EAGAIN. A completion posted from here on writes the
+            // eventfd again, a fresh edge that makes it ready again.
+            guard.clear_ready();
+        }
+        let (idle, submitted) = {
             let mut st = shared.lock();
             st.reap();
-            // Entries a failed submit left queued (the kernel was busy) go out now, with the
-            // completions that made room for them.
-            st.submit_pending();
-            st.in_flight == 0
+            // Entries a failed submit left queued go out now, with the completions that made
+            // room for them.
+            let submitted = st.submit_pending();
+            (st.in_flight == 0, submitted)
         };
         if idle && shared.shutdown.load(Ordering::Acquire) {
             return;
         }
+        retry = if submitted {
+            None
+        } else {
+            Some(retry.map_or(RETRY_FIRST, |d| (d * 2).min(RETRY_MAX)))
+        };
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// A lone read the kernel refuses at first still completes: the reaper retries it, though
+    /// no other I/O (and so no completion) comes along to do it.
+    #[tokio::test]
+    async fn a_refused_submit_on_an_idle_ring_is_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk");
+        std::fs::write(&path, vec![7u8; 8192]).unwrap();
+        let ring = Uring::new(Arc::new(File::open(&path).unwrap())).unwrap();
+        ring.shared.lock().refuse_submits = 3;
+        let read = ring.rw(false, IoBuf::zeroed(4096), 0, 4096, 4096);
+        let (buf, res) = tokio::time::timeout(Duration::from_secs(5), read).await.unwrap();
+        res.unwrap();
+        assert!(buf.iter().all(|&b| b == 7));
+        assert_eq!(ring.shared.lock().refuse_submits, 0);
     }
 }

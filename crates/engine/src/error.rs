@@ -62,6 +62,9 @@ pub enum EngineError {
         #[source]
         source: PoolError,
     },
+    /// The task running a pool operation to its end panicked or was cancelled at shutdown.
+    #[error("pool {pool}: the operation stopped unexpectedly: {reason}")]
+    PoolTask { pool: PoolId, reason: String },
     #[error("wiping a pool's disk is not supported by this engine yet; destroy without wipe")]
     WipeUnsupported,
     #[error("cannot write the engine state file {path}: {source}")]
@@ -75,6 +78,10 @@ pub enum EngineError {
 impl EngineError {
     pub(crate) fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
         Self::InvalidArgument { field, reason: reason.into() }
+    }
+
+    pub(crate) fn task(pool: &PoolId, e: &tokio::task::JoinError) -> Self {
+        Self::PoolTask { pool: pool.clone(), reason: e.to_string() }
     }
 
     pub(crate) fn pool(pool: &PoolId, source: PoolError) -> Self {

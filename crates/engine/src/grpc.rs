@@ -47,7 +47,7 @@ pub fn to_status(e: EngineError) -> Status {
         E::ChildUnavailable { .. } | E::ReplicaMeta { .. } => Code::Unavailable,
         E::PoolBusy(_) => Code::Aborted,
         E::WipeUnsupported => Code::Unimplemented,
-        E::StateFile { .. } => Code::Internal,
+        E::StateFile { .. } | E::PoolTask { .. } => Code::Internal,
         E::Pool { source, .. } => match source {
             PoolError::NotFound(_) | PoolError::SnapshotNotFound(_) | PoolError::Destroyed(_) => {
                 Code::NotFound

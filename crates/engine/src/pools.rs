@@ -86,7 +86,7 @@ pub enum PoolStatus {
 
 pub struct Pools {
     state_path: PathBuf,
-    slots: Mutex<BTreeMap<PoolId, Slot>>,
+    slots: Arc<Mutex<BTreeMap<PoolId, Slot>>>,
     /// Bumped under `slots` for every snapshot written, so an older snapshot never overwrites
     /// a newer one when two writes race.
     seq: AtomicU64,
@@ -125,7 +125,7 @@ impl Pools {
         }
         Ok(Self {
             state_path,
-            slots: Mutex::new(slots),
+            slots: Arc::new(Mutex::new(slots)),
             seq: AtomicU64::new(0),
             written: Arc::new(Mutex::new(0)),
         })
@@ -164,26 +164,28 @@ impl Pools {
             persisted
         };
 
-        let result = open_or_create(name, disk, size, cluster_size).await;
-
-        {
-            let mut slots = self.slots.lock();
+        // Runs to the end even if the caller goes away (a deadline drops the gRPC handler):
+        // cut short, it would leave the slot Busy, refusing every retry until a restart.
+        let slots = Arc::clone(&self.slots);
+        let (task_name, task_disk) = (name.clone(), disk.to_owned());
+        let settle = tokio::spawn(async move {
+            let result = open_or_create(&task_name, &task_disk, size, cluster_size).await;
+            let mut slots = slots.lock();
             match &result {
                 Ok(pool) => {
-                    slots.insert(name.clone(), Slot::Online(Arc::clone(pool)));
+                    slots.insert(task_name, Slot::Online(Arc::clone(pool)));
                 }
                 Err(e) if persisted => {
-                    slots.insert(
-                        name.clone(),
-                        Slot::Faulted { disk: disk.to_owned(), error: e.to_string() },
-                    );
+                    slots
+                        .insert(task_name, Slot::Faulted { disk: task_disk, error: e.to_string() });
                 }
                 Err(_) => {
-                    slots.remove(name);
+                    slots.remove(&task_name);
                 }
             }
-        }
-        let pool = result?;
+            result
+        });
+        let pool = settle.await.map_err(|e| EngineError::task(name, &e))??;
         tracing::info!(pool = %name, disk = %disk.display(), "pool online");
         self.persist().await?;
         Ok(pool.info())
@@ -217,12 +219,18 @@ impl Pools {
             pool
         };
         if let Some(pool) = pool {
-            // The pool is forgotten even if closing fails: what was acknowledged is already
-            // durable, and keeping a half-closed pool would serve nothing.
-            if let Err(e) = pool.close().await {
-                tracing::warn!(pool = %name, error = %e, "closing the pool failed");
-            }
-            self.slots.lock().remove(name);
+            // Runs to the end even if the caller goes away, like creation, so the slot never
+            // stays Busy. The pool is forgotten even if closing fails: what was acknowledged
+            // is already durable, and keeping a half-closed pool would serve nothing.
+            let slots = Arc::clone(&self.slots);
+            let task_name = name.clone();
+            let settle = tokio::spawn(async move {
+                if let Err(e) = pool.close().await {
+                    tracing::warn!(pool = %task_name, error = %e, "closing the pool failed");
+                }
+                slots.lock().remove(&task_name);
+            });
+            settle.await.map_err(|e| EngineError::task(name, &e))?;
         }
         tracing::info!(pool = %name, "pool destroyed");
         self.persist().await
@@ -454,5 +462,44 @@ mod tests {
         assert!(pools.list().is_empty());
         let back = read_state(&dir.path().join(STATE_FILE)).await.unwrap();
         assert!(back.is_empty());
+    }
+
+    /// Retries `op` while the pool is busy, for at most 10 s.
+    async fn until_not_busy<T>(
+        mut op: impl AsyncFnMut() -> Result<T, EngineError>,
+    ) -> Result<T, EngineError> {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match op().await {
+                Err(EngineError::PoolBusy(_)) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// A caller that gives up (a gRPC deadline drops its handler) leaves no pool Busy for
+    /// good: the operation finishes on its own, and a retry sees its outcome.
+    #[tokio::test]
+    async fn abandoned_create_and_destroy_still_finish() {
+        let dir = tempfile::tempdir().unwrap();
+        let pools = Pools::load(dir.path()).await.unwrap();
+        let name = PoolId::new("p1").unwrap();
+        let disk = dir.path().join("p1.img");
+        let size = Some(ByteSize::mib(256));
+        let cluster = ByteSize::mib(1);
+        // Polled once, then dropped mid-format.
+        let abandoned = pools.create(&name, &disk, size, cluster);
+        let r = tokio::time::timeout(std::time::Duration::from_nanos(1), abandoned).await;
+        assert!(r.is_err(), "creation should still be running when abandoned");
+        let info =
+            until_not_busy(async || pools.create(&name, &disk, size, cluster).await).await.unwrap();
+        assert_eq!(info.name, name.as_str());
+
+        let abandoned = pools.destroy(&name);
+        let _ = tokio::time::timeout(std::time::Duration::from_nanos(1), abandoned).await;
+        until_not_busy(async || pools.destroy(&name).await).await.unwrap();
+        assert!(matches!(pools.get(&name), Err(EngineError::PoolNotFound(_))));
     }
 }

@@ -112,6 +112,17 @@ async fn volume_lifecycle() {
         api.resize_volume("vol-1", ByteSize::mib(50)).await.unwrap_err().status(),
         Some(422)
     );
+    // An engine that cannot be reached is no refusal: the resize stays pending and the
+    // reconciler finishes it once the engine answers again.
+    n2.state.lock().resize_unavailable = true;
+    assert!(api.resize_volume("vol-1", ByteSize::mib(120)).await.is_err());
+    n2.state.lock().resize_unavailable = false;
+    eventually("the interrupted resize finished", 30, || async {
+        let v = api.volume("vol-1").await.unwrap();
+        (v.spec.size == ByteSize::mib(120)).then_some(())
+    })
+    .await;
+    assert_eq!(n2.state.lock().replicas[&rep.uuid].size_bytes, 120 << 20);
 
     // Replicas by volume and overall.
     let reps = api.replicas(Some("vol-1")).await.unwrap();

@@ -455,8 +455,10 @@ impl Registry {
             .0;
         match self.apply_resize(&record).await {
             Ok(()) => {}
-            Err(ControlError::Engine(e @ EngineError::Status { .. })) => {
-                // The engine refused: clear the intent so the reconciler does not retry it.
+            Err(ControlError::Engine(e)) if e.is_refusal() => {
+                // The engine refused: clear the intent so the reconciler does not retry it. A
+                // failure to reach it (Unavailable, a timeout) leaves the intent for the
+                // reconciler, or some replicas would stay grown with the volume's size not.
                 self.update_volume(vid, |r| {
                     r.pending = None;
                     Ok(())

@@ -25,6 +25,8 @@ pub struct FakeState {
     pub nexuses: HashMap<String, rpc::Nexus>,
     pub fail_create_replica: bool,
     pub fail_create_nexus: bool,
+    /// ResizeReplica answers Unavailable, as a connection failure would.
+    pub resize_unavailable: bool,
     pub calls: Vec<&'static str>,
     pub create_nexus_requests: Vec<rpc::CreateNexusRequest>,
     pub add_child_requests: Vec<rpc::AddChildRequest>,
@@ -194,6 +196,9 @@ impl rpc::engine_server::Engine for FakeEngine {
     ) -> Result<Response<rpc::Replica>, Status> {
         let r = r.into_inner();
         let mut st = self.state.lock();
+        if st.resize_unavailable {
+            return Err(Status::unavailable("injected connection failure"));
+        }
         let rep = st.replicas.get_mut(&r.uuid).ok_or_else(|| Status::not_found("replica"))?;
         let grow = r.size_bytes.saturating_sub(rep.size_bytes);
         rep.size_bytes = rep.size_bytes.max(r.size_bytes);

@@ -202,8 +202,15 @@ async fn auth_roles_openapi_health_and_metrics() {
     );
     assert!(trireme_control::openapi_json().contains("/v1/volumes/{id}/target"));
 
+    // Made-up methods share one label, or any client could grow the metrics without bound.
+    for m in ["FOO1", "FOO2"] {
+        let method = reqwest::Method::from_bytes(m.as_bytes()).unwrap();
+        send(&http, method, &control.url("/v1/volumes"), None, None).await;
+    }
     // Metrics need no token and count requests by route and status.
     let m = anon.get_text("/metrics").await.unwrap();
+    assert!(!m.contains("FOO1"), "{m}");
+    assert!(m.contains("method=\"other\""), "{m}");
     for needle in [
         "trireme_nodes{state=\"online\"} 0",
         "trireme_volumes{state=\"unknown\"} 0",

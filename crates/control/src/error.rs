@@ -31,6 +31,9 @@ pub enum ControlError {
     /// The body is not JSON (or not the expected content type).
     #[error("{detail}")]
     MalformedBody { detail: String },
+    /// The body is over the size limit (requests are small JSON documents).
+    #[error("{detail}")]
+    BodyTooLarge { detail: String },
     /// The body is JSON but does not describe a valid request.
     #[error("{detail}")]
     InvalidBody { detail: String },
@@ -83,6 +86,7 @@ impl ControlError {
             NotFound { .. } | NoRoute { .. } => (StatusCode::NOT_FOUND, "not-found"),
             MethodNotAllowed { .. } => (StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed"),
             MalformedBody { .. } => (StatusCode::BAD_REQUEST, "malformed-body"),
+            BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body-too-large"),
             InvalidBody { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "invalid-body"),
             Shrink { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "shrink-not-supported"),
             VolumeConflict { .. } | PoolConflict { .. } => (StatusCode::CONFLICT, "conflict"),

@@ -72,6 +72,12 @@ async fn bad_input_gets_clear_problems_and_the_server_keeps_serving() {
         let p = problem(s, &ctype, &text);
         assert!(p.detail.contains(needle), "{body}: {:?} lacks {needle:?}", p.detail);
     }
+    // Over axum's body limit: 413, still a problem document.
+    let huge = format!(r#"{{"name":"v","size":1048576,"pad":"{}"}}"#, "x".repeat(3 << 20));
+    let huge: &'static str = huge.leak();
+    let (s, ctype, text) = post(huge).await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE, "{text}");
+    problem(s, &ctype, &text);
     let pool_url = control.url("/v1/pools");
     let (s, ctype, text) = send(
         &http,
@@ -194,6 +200,28 @@ async fn auth_roles_openapi_health_and_metrics() {
         assert!(paths.contains_key(p), "openapi lacks {p}");
     }
     assert!(paths["/v1/volumes/{id}/target"].get("put").is_some());
+    // Every operation lists the answers any call can give, as problem documents.
+    for (path, item) in paths {
+        for (method, op) in item.as_object().unwrap() {
+            let mut expected = vec!["401", "500"];
+            if path.contains('{') {
+                expected.push("404");
+            }
+            if method != "get" {
+                expected.extend(["403", "502", "503", "504"]);
+            }
+            if op.get("requestBody").is_some() {
+                expected.extend(["400", "413", "422"]);
+            }
+            for status in expected {
+                let r = &op["responses"][status];
+                assert!(
+                    r["content"].get("application/problem+json").is_some(),
+                    "{method} {path} does not list {status}"
+                );
+            }
+        }
+    }
     assert!(doc["components"]["schemas"].get("Problem").is_some());
     assert!(doc["components"]["schemas"].get("Volume").is_some());
     assert!(

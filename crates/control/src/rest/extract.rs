@@ -4,6 +4,7 @@
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Path, Request};
+use axum::http::StatusCode;
 use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
 use trireme_api::{
@@ -67,7 +68,12 @@ impl<S: Send + Sync, T: DeserializeOwned + KnownFields> FromRequest<S> for Body<
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         let bytes = Bytes::from_request(req, state).await.map_err(|e| {
-            ControlError::MalformedBody { detail: format!("cannot read the request body: {e}") }
+            let detail = format!("cannot read the request body: {e}");
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ControlError::BodyTooLarge { detail }
+            } else {
+                ControlError::MalformedBody { detail }
+            }
         })?;
         parse_body(&bytes).map(Body)
     }

@@ -59,9 +59,70 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
+/// Adds the answers any operation can give, where its annotation does not list them: every
+/// call needs a token and reads the store, and one naming an object may not find it; a change
+/// may also be refused to a viewer and goes to engines, which may fail, be unreachable or be
+/// slow; a body may be too large, not JSON or invalid. Applied once the router has added
+/// every path, so one list covers every route.
+struct CommonResponses;
+
+impl utoipa::Modify for CommonResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+        let problem = |description: &str| {
+            ResponseBuilder::new()
+                .description(description)
+                .content(
+                    "application/problem+json",
+                    ContentBuilder::new().schema(Some(Ref::from_schema_name("Problem"))).build(),
+                )
+                .build()
+        };
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            let names_one = path.contains('{');
+            let ops = [
+                (&mut item.get, false),
+                (&mut item.post, true),
+                (&mut item.put, true),
+                (&mut item.delete, true),
+                (&mut item.patch, true),
+            ];
+            for (op, changes) in ops {
+                let Some(op) = op.as_mut() else { continue };
+                let mut add =
+                    vec![("401", "no token, or an unknown one"), ("500", "the store failed")];
+                if names_one {
+                    add.push(("404", "no such object"));
+                }
+                if changes {
+                    add.extend([
+                        ("403", "the token's role may not change anything"),
+                        ("502", "an engine failed"),
+                        ("503", "a node, volume or placement is unavailable"),
+                        ("504", "an engine did not answer in time"),
+                    ]);
+                }
+                if op.request_body.is_some() {
+                    add.extend([
+                        ("400", "the body is not a JSON object"),
+                        ("413", "the body is too large"),
+                        ("422", "the body does not describe a valid request"),
+                    ]);
+                }
+                for (status, description) in add {
+                    op.responses
+                        .responses
+                        .entry(status.to_owned())
+                        .or_insert_with(|| problem(description).into());
+                }
+            }
+        }
+    }
+}
+
 /// The `/v1` routes and the OpenAPI document describing them.
 fn v1() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
-    OpenApiRouter::with_openapi(ApiDoc::openapi())
+    let (router, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(nodes::list_nodes))
         .routes(routes!(nodes::get_node))
         .routes(routes!(nodes::cordon_node))
@@ -77,7 +138,10 @@ fn v1() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(volumes::list_volume_replicas))
         .routes(routes!(volumes::list_replicas))
         .routes(routes!(events::list_events))
-        .split_for_parts()
+        .split_for_parts();
+    let mut doc = doc;
+    utoipa::Modify::modify(&CommonResponses, &mut doc);
+    (router, doc)
 }
 
 /// The OpenAPI document as JSON.

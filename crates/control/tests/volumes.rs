@@ -6,6 +6,7 @@ mod common;
 
 use common::{FakeNode, TestControl, eventually, nodes_online, pool_online};
 use trireme_api::{CreatePoolBody, CreateVolumeBody, PublishBody};
+use trireme_rpc as rpc;
 use trireme_types::{ByteSize, VolumeState};
 
 fn vol(name: &str, size: ByteSize) -> CreateVolumeBody {
@@ -157,8 +158,21 @@ async fn volume_lifecycle() {
     let last = events.last().unwrap().seq;
     assert!(api.events(Some(last)).await.unwrap().is_empty());
 
-    // An empty pool can go.
+    // An empty pool can go. If the engine still holds a replica there (one placed while the
+    // delete checked), the delete is refused and the pool stays usable, not half deleted.
     api.delete_volume("vol-3").await.unwrap();
+    let stray = rpc::Replica { uuid: "stray".into(), pool: "pool-1".into(), ..Default::default() };
+    n1.state.lock().replicas.insert("stray".into(), stray);
+    assert_eq!(api.delete_pool("pool-1").await.unwrap_err().status(), Some(409));
+    assert!(n1.state.lock().pools.contains_key("pool-1"));
+    // Still offered for placement: a 2-replica volume needs both nodes' pools.
+    let two = CreateVolumeBody { replicas: 2, ..vol("vol-4", ByteSize::mib(8)) };
+    api.create_volume(&two).await.unwrap();
+    let pools: Vec<String> =
+        api.replicas(Some("vol-4")).await.unwrap().iter().map(|r| r.pool.to_string()).collect();
+    assert!(pools.contains(&"pool-1".to_owned()), "{pools:?}");
+    api.delete_volume("vol-4").await.unwrap();
+    n1.state.lock().replicas.remove("stray");
     api.delete_pool("pool-1").await.unwrap();
     assert!(api.pool("pool-1").await.unwrap_err().is_not_found());
     assert!(n1.state.lock().pools.is_empty());

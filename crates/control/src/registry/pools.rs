@@ -159,6 +159,9 @@ impl Registry {
             .ok()
             .and_then(|pid| self.state.read().pools.get(&pid).map(|p| p.record.clone()))
             .ok_or_else(|| ControlError::not_found("pool", id))?;
+        // No volume creation may place a replica here between the check and the mark below;
+        // once marked, the pool is no longer offered for placement.
+        let _create = self.lock_create().await;
         let users: Vec<String> = {
             let st = self.state.read();
             st.volumes
@@ -191,6 +194,15 @@ impl Registry {
         match self.engines.call(&record.node, "DestroyPool", client.destroy_pool(req)).await {
             Ok(_) => {}
             Err(e) if e.is_not_found() => {} // already gone: the delete is idempotent
+            Err(e @ EngineError::Status { code: tonic::Code::FailedPrecondition, .. }) => {
+                // The engine still holds replicas: one was placed (by a replica being added or
+                // replaced) while the delete checked. The pool stays, usable again, rather
+                // than stuck half deleted.
+                let mut active = record.clone();
+                active.phase = PoolPhase::Active;
+                self.save_pool(&active).await?;
+                return Err(e.into());
+            }
             Err(e) => return Err(e.into()),
         }
         self.store.delete(&records::pool_key(&record.id)).await?;

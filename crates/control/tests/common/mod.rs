@@ -130,6 +130,10 @@ impl rpc::engine_server::Engine for FakeEngine {
     ) -> Result<Response<rpc::Empty>, Status> {
         let r = r.into_inner();
         let mut st = self.state.lock();
+        // Like the engine: a pool holding replicas stays.
+        if st.replicas.values().any(|rep| rep.pool == r.name) {
+            return Err(Status::failed_precondition("pool still holds replicas"));
+        }
         st.pools.remove(&r.name).ok_or_else(|| Status::not_found("pool"))?;
         Ok(Response::new(rpc::Empty {}))
     }

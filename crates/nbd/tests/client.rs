@@ -413,6 +413,33 @@ async fn a_protocol_violation_kills_the_connection() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_read_chunks_are_a_violation_not_a_whole_reply() {
+    let srv = start().await;
+    let proxy = Proxy::start(srv.addr).await;
+    let c = Arc::new(Client::connect(proxy.addr.into(), NAME, opts()).await.unwrap());
+    proxy.stall().await;
+    let base = proxy.sent.load(Ordering::SeqCst);
+    let read = tokio::spawn({
+        let c = c.clone();
+        async move { c.read(0, 8192).await.map(drop) }
+    });
+    proxy.wait_sent(base, proto::REQUEST_LEN as u64).await;
+    // The first half twice: 8,192 bytes described, the second half never.
+    let mut lie = Vec::new();
+    for done in [false, true] {
+        proto::Chunk::OffsetData { offset: 0, data_len: 4096 }.encode_into(1, done, &mut lie);
+        lie.extend_from_slice(&[7u8; 4096]);
+    }
+    proxy.ctrl.send(Cmd::Inject(lie)).unwrap();
+    let err = tokio::time::timeout(TIMEOUT, read).await.unwrap().unwrap().unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Protocol { reason } if reason.contains("overlaps")),
+        "{err}"
+    );
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_from_the_server_fails_pending_requests() {
     let srv = start().await;
     let proxy = Proxy::start(srv.addr).await;

@@ -237,7 +237,7 @@ impl Child for RemoteChild {
                 let extents = self.client.block_status(pos, end - pos).await?;
                 let before = pos;
                 for e in extents {
-                    let allocated = !e.hole;
+                    let allocated = holds_data(&e);
                     match runs.last_mut() {
                         Some(last) if last.allocated == allocated => last.length += e.length,
                         _ => runs.push(ChildExtent { offset: pos, length: e.length, allocated }),
@@ -254,6 +254,13 @@ impl Child for RemoteChild {
         };
         self.bounded("block_status", walk).await
     }
+}
+
+/// Whether a run must be copied to reproduce it: all but a hole that also reads as zeroes.
+/// The protocol lets a hole read as anything (say, a backing file's data), and rebuild writes
+/// zeroes for what it skips.
+fn holds_data(e: &trireme_nbd::Extent) -> bool {
+    !(e.hole && e.zero)
 }
 
 #[cfg(test)]
@@ -347,6 +354,15 @@ mod tests {
         let bytes: Vec<u8> =
             (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect();
         IoBuf::copy_from(&bytes)
+    }
+
+    #[test]
+    fn only_holes_that_read_as_zeroes_are_skipped() {
+        let run = |hole, zero| Extent { length: 4096, hole, zero };
+        assert!(!holds_data(&run(true, true)));
+        assert!(holds_data(&run(true, false)), "a hole over a backing file has data");
+        assert!(holds_data(&run(false, true)));
+        assert!(holds_data(&run(false, false)));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

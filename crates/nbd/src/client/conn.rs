@@ -40,6 +40,37 @@ pub(crate) enum Reply {
 
 type Completion = oneshot::Sender<Result<Reply, ClientError>>;
 
+/// Disjoint ranges of a read, relative to its start. The protocol forbids chunks that overlap;
+/// counting bytes alone would let two chunks over the same range pass for a whole reply, with
+/// the rest of the buffer never written.
+#[derive(Debug, Default)]
+pub(crate) struct Coverage {
+    /// Start -> end of each range described.
+    ranges: std::collections::BTreeMap<u64, u64>,
+    total: u64,
+}
+
+impl Coverage {
+    /// Records `[start, start + len)`; false if it overlaps a range already described.
+    pub fn claim(&mut self, start: u64, len: u64) -> bool {
+        let end = start + len;
+        let before_ok = self.ranges.range(..=start).next_back().is_none_or(|(_, &e)| e <= start);
+        let after_ok = self.ranges.range(start..).next().is_none_or(|(&s, _)| end <= s);
+        if !(before_ok && after_ok) {
+            return false;
+        }
+        if len > 0 {
+            self.ranges.insert(start, end);
+        }
+        self.total += len;
+        true
+    }
+
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+}
+
 /// A request waiting for its reply.
 pub(crate) struct Pending {
     pub command: Command,
@@ -47,7 +78,8 @@ pub(crate) struct Pending {
     pub length: u32,
     /// READ target, filled in place by the reader.
     pub buf: Option<IoBuf>,
-    pub covered: u64,
+    /// The parts of a READ's range that chunks have described so far.
+    pub covered: Coverage,
     pub extents: Vec<Extent>,
     /// First error chunk seen; reported once the final chunk arrives.
     pub error: Option<ClientError>,
@@ -67,7 +99,7 @@ impl Pending {
             offset,
             length,
             buf,
-            covered: 0,
+            covered: Coverage::default(),
             extents: Vec::new(),
             error: None,
             done,
@@ -391,12 +423,16 @@ impl<R: AsyncRead + Unpin> Replies<'_, R> {
                         p.violate(format!("OFFSET_DATA {offset}+{len} outside the request"))
                     );
                 };
+                if !p.covered.claim(rel as u64, len) {
+                    return Err(
+                        p.violate(format!("OFFSET_DATA {offset}+{len} overlaps another chunk"))
+                    );
+                }
                 let Some(buf) = p.buf.as_mut() else {
                     return Err(p.violate("read without a buffer".into()));
                 };
                 // Straight into the caller's buffer: the only copy is the kernel's.
                 self.read(&mut buf[rel..rel + len as usize]).await?;
-                p.covered += len;
             }
             REPLY_TYPE_OFFSET_HOLE => {
                 if p.command != Command::Read {
@@ -414,7 +450,11 @@ impl<R: AsyncRead + Unpin> Replies<'_, R> {
                     );
                 };
                 buf[rel..rel + len as usize].fill(0);
-                p.covered += len;
+                if !p.covered.claim(rel as u64, len) {
+                    return Err(
+                        p.violate(format!("OFFSET_HOLE {offset}+{len} overlaps another chunk"))
+                    );
+                }
             }
             REPLY_TYPE_BLOCK_STATUS => {
                 if p.command != Command::BlockStatus {
@@ -469,8 +509,9 @@ impl<R: AsyncRead + Unpin> Replies<'_, R> {
         }
         let reply = match p.command {
             Command::Read => {
-                if p.covered != u64::from(p.length) {
-                    let msg = format!("read reply covers {} of {} bytes", p.covered, p.length);
+                if p.covered.total() != u64::from(p.length) {
+                    let msg =
+                        format!("read reply covers {} of {} bytes", p.covered.total(), p.length);
                     return Err(p.violate(msg));
                 }
                 match p.buf.take() {
@@ -494,3 +535,22 @@ impl<R: AsyncRead + Unpin> Replies<'_, R> {
 #[cfg(test)]
 #[path = "conn_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+mod coverage_tests {
+    use super::Coverage;
+
+    #[test]
+    fn overlapping_chunks_are_caught_in_any_order() {
+        let mut c = Coverage::default();
+        assert!(c.claim(4096, 4096));
+        assert!(c.claim(0, 4096), "adjacent before");
+        assert!(c.claim(8192, 100), "adjacent after");
+        assert!(!c.claim(4096, 4096), "the same range twice");
+        assert!(!c.claim(4000, 200), "straddles a start");
+        assert!(!c.claim(8200, 10), "inside a range");
+        assert!(!c.claim(0, 16384), "covers several");
+        assert!(c.claim(9000, 0));
+        assert_eq!(c.total(), 8192 + 100);
+    }
+}

@@ -165,3 +165,59 @@ mod tests {
         assert_eq!(log.missing(0..3), vec![0, 2]);
     }
 }
+
+/// Regions written since the last flush that covered them. A replica acknowledges a write
+/// before it is durable (its engine may lose it in a crash until the next flush), so when a
+/// child faults these regions join the dirty-region log: a partial rebuild then repairs what
+/// the child may have lost, not only what it missed while out.
+#[derive(Debug, Default)]
+pub(super) struct Unflushed {
+    /// Region -> the number of the last completed write to it.
+    regions: std::collections::HashMap<u64, u64>,
+    /// Completed writes so far.
+    writes: u64,
+}
+
+impl Unflushed {
+    /// A write to `regions` completed on every child it went to.
+    pub fn note(&mut self, regions: Range<u64>) {
+        self.writes += 1;
+        for r in regions {
+            self.regions.insert(r, self.writes);
+        }
+    }
+
+    /// Taken when a flush starts: it covers the writes completed by then.
+    pub fn mark(&self) -> u64 {
+        self.writes
+    }
+
+    /// A flush started at `mark` succeeded on every child: what it covered is durable.
+    pub fn flushed(&mut self, mark: u64) {
+        self.regions.retain(|_, w| *w > mark);
+    }
+
+    pub fn regions(&self) -> Vec<u64> {
+        self.regions.keys().copied().collect()
+    }
+}
+
+#[cfg(test)]
+mod unflushed_tests {
+    use super::Unflushed;
+
+    #[test]
+    fn a_flush_clears_only_the_writes_completed_before_it_started() {
+        let mut u = Unflushed::default();
+        u.note(0..2);
+        let mark = u.mark();
+        u.note(5..6); // completed while the flush ran: not covered
+        u.note(1..2); // rewritten while the flush ran: not covered either
+        u.flushed(mark);
+        let mut left = u.regions();
+        left.sort_unstable();
+        assert_eq!(left, vec![1, 5]);
+        u.flushed(u.mark());
+        assert!(u.regions().is_empty());
+    }
+}

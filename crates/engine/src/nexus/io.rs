@@ -41,7 +41,7 @@ fn to_export_error(e: ChildError) -> ExportError {
 /// flight, and its children.
 struct Prepared<'a> {
     _lock: SharedGuard,
-    _inflight: Inflight<'a>,
+    inflight: Inflight<'a>,
     regions: Range<u64>,
     writers: Vec<Arc<dyn Child>>,
 }
@@ -105,6 +105,9 @@ impl Nexus {
         let outcome = self.children.lock().fault_instance(child, reason);
         match outcome {
             FaultOutcome::Faulted => {
+                // What the child acknowledged since the last flush may be lost with it.
+                let unflushed = self.unflushed.lock().regions();
+                self.queue_dirty(unflushed);
                 if let Some(token) = self.rebuild_cancels.lock().remove(&replica) {
                     token.1.cancel();
                 }
@@ -148,7 +151,7 @@ impl Nexus {
                     *self.inflight.lock().entry(version).or_default() += 1;
                     let inflight = Inflight { nexus: self, version };
                     let writers = table.writers();
-                    return Ok(Prepared { _lock: guard, _inflight: inflight, regions, writers });
+                    return Ok(Prepared { _lock: guard, inflight, regions, writers });
                 }
                 missing
             };
@@ -156,10 +159,11 @@ impl Nexus {
         }
     }
 
-    /// Gets `regions` recorded in the dirty-region log (batched with concurrent callers).
-    pub(super) async fn mark_dirty(&self, regions: Vec<u64>) -> Result<(), ExportError> {
+    /// Queues the regions the log lacks for the recorder; returns the batch that will carry
+    /// them, or None if there is nothing to wait for.
+    fn queue_dirty(&self, regions: Vec<u64>) -> Option<u64> {
         if regions.is_empty() {
-            return Ok(());
+            return None;
         }
         let batch = {
             let mut dirty = self.dirty.lock();
@@ -168,7 +172,7 @@ impl Nexus {
                 for r in regions {
                     dirty.log.set(r);
                 }
-                return Ok(());
+                return None;
             }
             let mut any = false;
             for r in regions {
@@ -178,11 +182,17 @@ impl Nexus {
                 }
             }
             if !any {
-                return Ok(());
+                return None;
             }
             dirty.next_batch
         };
         self.kick.notify_one();
+        Some(batch)
+    }
+
+    /// Gets `regions` recorded in the dirty-region log (batched with concurrent callers).
+    pub(super) async fn mark_dirty(&self, regions: Vec<u64>) -> Result<(), ExportError> {
+        let Some(batch) = self.queue_dirty(regions) else { return Ok(()) };
         let mut rx = self.dirty_done.subscribe();
         loop {
             self.check_open()?;
@@ -252,6 +262,20 @@ impl Nexus {
         }
     }
 
+    /// A write-like request completed: unless it was durable on arrival (FUA), its regions
+    /// stay among those a faulting child may lose until a flush covers them. If a child left
+    /// while it ran, that child's fault may have logged the unflushed regions before these
+    /// joined them, so they go to the log now.
+    async fn written(&self, p: &Prepared<'_>, durable: bool) -> Result<(), ExportError> {
+        if !durable {
+            self.unflushed.lock().note(p.regions.clone());
+        }
+        if self.children.lock().version() != p.inflight.version {
+            self.mark_dirty(p.regions.clone().collect()).await?;
+        }
+        Ok(())
+    }
+
     pub(super) async fn flush_children(&self) -> Result<(), ExportError> {
         let writers = {
             let table = self.children.lock();
@@ -260,6 +284,7 @@ impl Nexus {
             }
             table.writers()
         };
+        let mark = self.unflushed.lock().mark();
         self.complete(
             0..0,
             writers.into_iter().map(|c| async move {
@@ -267,7 +292,10 @@ impl Nexus {
                 (c, result)
             }),
         )
-        .await
+        .await?;
+        // Every child that took part flushed, or faulted with the unflushed regions logged.
+        self.unflushed.lock().flushed(mark);
+        Ok(())
     }
 
     /// Runs `op` on the first online child, failing over to the next one on errors.
@@ -350,7 +378,8 @@ impl Export for Nexus {
             }
         });
         let ops: Vec<_> = ops.collect();
-        self.complete(p.regions.clone(), ops).await
+        self.complete(p.regions.clone(), ops).await?;
+        self.written(&p, fua).await
     }
 
     async fn flush(&self) -> Result<(), ExportError> {
@@ -371,7 +400,8 @@ impl Export for Nexus {
                 (c, result)
             }),
         )
-        .await
+        .await?;
+        self.written(&p, fua).await
     }
 
     async fn write_zeroes(
@@ -393,7 +423,8 @@ impl Export for Nexus {
                 (c, result)
             }),
         )
-        .await
+        .await?;
+        self.written(&p, fua).await
     }
 
     async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, ExportError> {

@@ -186,6 +186,8 @@ pub struct Nexus {
     size: AtomicU64,
     children: Mutex<ChildTable>,
     dirty: Mutex<DirtyState>,
+    /// Regions a faulting child may have lost: written, not yet flushed.
+    unflushed: Mutex<dirty::Unflushed>,
     ranges: RangeLock,
     recorder: Arc<dyn Recorder>,
     limits: Arc<RebuildLimits>,
@@ -314,6 +316,7 @@ impl Nexus {
                 pending: Default::default(),
                 next_batch: 1,
             }),
+            unflushed: Mutex::new(Default::default()),
             ranges: RangeLock::new(),
             recorder: config.recorder,
             limits: config.rebuild,

@@ -173,7 +173,15 @@ pub(super) async fn run(nexus: Weak<Nexus>, job: Job, cancel: CancellationToken)
             let dirty = n.dirty.lock();
             let layout = DirtyLog::new(dirty.log.region_bytes());
             let regions = match job.kind {
-                Join::Partial => Regions::Listed(dirty.log.iter().collect()),
+                // Regions still on their way to the store count too (those a faulting
+                // child may have lost before it faulted are queued without a waiter).
+                Join::Partial => {
+                    let mut listed: Vec<u64> =
+                        dirty.log.iter().chain(dirty.pending.iter().copied()).collect();
+                    listed.sort_unstable();
+                    listed.dedup();
+                    Regions::Listed(listed)
+                }
                 _ => Regions::All(size.div_ceil(layout.region_bytes().max(1))),
             };
             (regions, layout)

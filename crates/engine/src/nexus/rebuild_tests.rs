@@ -108,6 +108,8 @@ async fn a_child_added_after_a_fault_rebuilds_what_it_missed() {
     )
     .await;
     n.write(0, pattern(MIB as usize, 1), false).await.unwrap();
+    // Flushed: only what the child misses from here on is to rebuild.
+    n.flush().await.unwrap();
     b.fail.store(true, Ordering::SeqCst);
     n.write(2 * MIB, pattern(MIB as usize, 2), false).await.unwrap();
     n.write(6 * MIB + 512, pattern(4096, 3), false).await.unwrap();

@@ -193,8 +193,10 @@ async fn regions_are_recorded_dirty_before_io_reaches_the_children_while_degrade
     let recorder = Arc::new(TestRecorder::default());
     let m = mems(2);
     let n = nexus(&m, &recorder).await;
-    // Healthy: no marking at all.
+    // Healthy: no marking at all. (Flushed, so that the fault below has no unflushed write
+    // to log.)
     n.write(MIB, pattern(4096, 1), false).await.unwrap();
+    n.flush().await.unwrap();
     assert!(recorder.marks.lock().is_empty());
     m[1].fail.store(true, Ordering::SeqCst);
     n.write(0, pattern(4096, 1), false).await.unwrap();

@@ -19,6 +19,7 @@
 //! discovered) before the child is handed to a nexus.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -74,6 +75,11 @@ pub struct RemoteChild {
     epoch: u64,
     client: ReconnectingClient,
     io_timeout: Duration,
+    /// The connection this child works on (see [`ReconnectingClient::generation`]). A request
+    /// that had to connect anew is not silently served: the peer may have restarted and lost
+    /// writes it had acknowledged, so the child reports itself disconnected and the nexus
+    /// faults it (logging what it may have lost) and rebuilds it before trusting it again.
+    connection: AtomicU64,
 }
 
 impl std::fmt::Debug for RemoteChild {
@@ -107,7 +113,15 @@ impl RemoteChild {
         let client = ReconnectingClient::connect(addr, &export, client_opts, policy)
             .await
             .map_err(|e| child_error(&e, epoch))?;
-        let child = Self { uri: uri.clone(), replica, epoch, client, io_timeout: opts.io_timeout };
+        let connection = AtomicU64::new(client.generation());
+        let child = Self {
+            uri: uri.clone(),
+            replica,
+            epoch,
+            client,
+            io_timeout: opts.io_timeout,
+            connection,
+        };
         // The first request makes the claim durable on the serving engine, or tells us we are
         // already stale.
         child.flush().await?;
@@ -123,7 +137,13 @@ impl RemoteChild {
     /// negotiated, so a replica grown on its engine looks unchanged until then). Requests in
     /// flight finish on the old connection. Returns the new size.
     pub async fn refresh_size(&self) -> Result<u64, ChildError> {
-        self.bounded("reconnect", async { self.client.reconnect().await.map(|c| c.size()) }).await
+        let reconnect = async {
+            let c = self.client.reconnect().await?;
+            // Deliberate: nothing was lost, the next requests may use it.
+            self.connection.store(self.client.generation(), Ordering::Release);
+            Ok(c.size())
+        };
+        self.timed("reconnect", reconnect).await
     }
 
     /// Closes the connection cleanly (bounded by the I/O timeout). Later requests fail.
@@ -131,8 +151,23 @@ impl RemoteChild {
         let _ = tokio::time::timeout(self.io_timeout, self.client.disconnect()).await;
     }
 
-    /// Runs one client call within the I/O timeout (which also bounds a reconnection).
+    /// Runs one client call within the I/O timeout (which also bounds a reconnection), on
+    /// the connection this child started with.
     async fn bounded<T>(
+        &self,
+        op: &'static str,
+        call: impl Future<Output = Result<T, ClientError>>,
+    ) -> Result<T, ChildError> {
+        let result = self.timed(op, call).await;
+        if self.client.generation() != self.connection.load(Ordering::Acquire) {
+            tracing::warn!(uri = %self.uri, op, "remote child reconnected; it may have lost writes");
+            return Err(ChildError::Disconnected);
+        }
+        result
+    }
+
+    /// Runs one client call within the I/O timeout.
+    async fn timed<T>(
         &self,
         op: &'static str,
         call: impl Future<Output = Result<T, ClientError>>,
@@ -289,7 +324,12 @@ mod tests {
 
     impl Server {
         async fn start<R: ExportRegistry>(registry: Arc<R>) -> Self {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            Self::start_on("127.0.0.1:0".parse().unwrap(), registry).await
+        }
+
+        /// On `addr`: a peer restarting on the port it had.
+        async fn start_on<R: ExportRegistry>(addr: std::net::SocketAddr, registry: Arc<R>) -> Self {
+            let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
             let addr = listener.local_addr().unwrap();
             let stop = CancellationToken::new();
             let token = stop.clone();
@@ -522,9 +562,10 @@ mod tests {
         let took = started.elapsed();
         assert!(took >= Duration::from_millis(500) && took < Duration::from_secs(5), "{took:?}");
 
-        // The next request reconnects (the peer still answers reads).
+        // The nexus faulted the child on that timeout; this instance is done for, even with
+        // the peer answering again: a request on it reports the lost connection at once.
         export.stall.store(false, Ordering::SeqCst);
-        assert!(child.read(0, 4096).await.unwrap()[..] == pattern(4096, 1)[..]);
+        assert_eq!(child.read(0, 4096).await.map(drop), Err(ChildError::Disconnected));
 
         // Killed: the connection is closed and nothing listens any more.
         server.kill().await;
@@ -534,6 +575,29 @@ mod tests {
         let result = child.write(0, pattern(4096, 3), false).await;
         assert_eq!(result, Err(ChildError::Disconnected));
         assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    /// A peer that restarted may have lost writes it acknowledged before its last flush: the
+    /// child does not carry on over a new connection as if nothing happened.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_that_restarted_is_reported_disconnected_not_silently_reconnected() {
+        let export = Arc::new(Stalling {
+            inner: trireme_nbd::testing::MemExport::new(4 * MIB),
+            stall: AtomicBool::new(false),
+        });
+        let registry = Arc::new(StallRegistry(Arc::clone(&export)));
+        let server = Server::start(Arc::clone(&registry)).await;
+        let addr = server.addr;
+        let child =
+            RemoteChild::open(&server.uri(ReplicaId::new_random()), 1, fast()).await.unwrap();
+        child.write(0, pattern(4096, 1), false).await.unwrap();
+        server.kill().await;
+        let again = Server::start_on(addr, registry).await;
+        // The first request may still meet the old connection; the second connects anew.
+        for _ in 0..2 {
+            assert_eq!(child.read(0, 4096).await.map(drop), Err(ChildError::Disconnected));
+        }
+        again.kill().await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

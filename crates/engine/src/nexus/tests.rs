@@ -182,3 +182,39 @@ async fn an_added_child_takes_writes_but_serves_no_reads_until_rebuilt() {
     n.remove_child(new.replica_id()).unwrap();
     assert_eq!(n.state(), NexusState::Online);
 }
+
+const MIB: u64 = 1 << 20;
+
+/// Two children large enough for several dirty-log regions (1 MiB each).
+fn large_nexus() -> (Nexus, Vec<Arc<MemChild>>) {
+    let mems: Vec<Arc<MemChild>> = (0..2).map(|_| Arc::new(MemChild::new(8 * MIB))).collect();
+    let children = mems.iter().map(|m| Arc::clone(m) as Arc<dyn Child>).collect();
+    (Nexus::new(VolumeId::new_random(), 8 * MIB, children).unwrap(), mems)
+}
+
+#[tokio::test]
+async fn a_faulting_child_logs_what_it_acknowledged_since_the_last_flush() {
+    let (n, mems) = large_nexus();
+    n.write(0, pattern(4096, 1), false).await.unwrap();
+    n.flush().await.unwrap();
+    // After the flush: a plain write (a crashing replica may lose it) and a FUA one (durable
+    // once acknowledged).
+    n.write(2 * MIB, pattern(4096, 2), false).await.unwrap();
+    n.write(4 * MIB, pattern(4096, 3), true).await.unwrap();
+    assert!(n.dirty_log().is_empty(), "nothing is logged while every child is online");
+    // The child fails a later write and is faulted.
+    mems[0].fail.store(true, Ordering::SeqCst);
+    n.write(6 * MIB, pattern(4096, 4), false).await.unwrap();
+    assert_eq!(n.dirty_log().iter().collect::<Vec<_>>(), vec![2, 6]);
+}
+
+#[tokio::test]
+async fn a_child_that_fails_a_flush_logs_the_writes_it_held() {
+    let (n, mems) = large_nexus();
+    n.write(3 * MIB, pattern(4096, 1), false).await.unwrap();
+    mems[1].fail.store(true, Ordering::SeqCst);
+    n.flush().await.unwrap();
+    let states: Vec<_> = n.children().into_iter().map(|c| c.state).collect();
+    assert_eq!(states[1], ChildState::Faulted { reason: FaultReason::IoError });
+    assert_eq!(n.dirty_log().iter().collect::<Vec<_>>(), vec![3]);
+}

@@ -155,6 +155,7 @@ impl fmt::Debug for ByteSize {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use proptest::prelude::*;

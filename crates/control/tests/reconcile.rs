@@ -187,3 +187,52 @@ async fn orphans_are_destroyed_and_unknown_replicas_kept() {
     n1.stop().await;
     control.stop().await;
 }
+
+/// `set-replicas` records the new count as pending before adding replicas: after a crash in
+/// between, the reconciler adds them, and a resize waits until it has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_replica_count_change_is_finished() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = TestControl::start(dir.path()).await;
+    let api = control.admin();
+    let n1 = FakeNode::start("node-1", control.grpc).await;
+    let n2 = FakeNode::start("node-2", control.grpc).await;
+    nodes_online(&api, 2).await;
+    pool_online(&api, "pool-1", "node-1", 256 << 20).await;
+    pool_online(&api, "pool-2", "node-2", 256 << 20).await;
+    let v = api.create_volume(&vol("vol-a", 10)).await.unwrap();
+    let (api_addr, grpc_addr) = (control.api, control.grpc);
+    control.stop().await;
+    {
+        // Crashed right after recording the intent.
+        let store = RedbStore::open(dir.path().join(trireme_control::STORE_FILE)).await.unwrap();
+        let key = records::volume_key(&v.id);
+        let mut rec =
+            records::decode::<VolumeRecord>(&key, &store.get(&key).await.unwrap().unwrap().value)
+                .unwrap();
+        assert_eq!(rec.replicas.len(), 1);
+        rec.replica_count = 2;
+        rec.pending = Some(PendingOp::Replicas);
+        put(&store, &rec).await;
+    }
+    let control = TestControl::start_on(dir.path(), api_addr, grpc_addr).await;
+    let api = control.admin();
+    eventually("the second replica added", 30, || async {
+        let v = api.volume("vol-a").await.ok()?;
+        (v.status.replicas.len() == 2).then_some(())
+    })
+    .await;
+    let holders = [&n1, &n2]
+        .iter()
+        .filter(|n| n.state.lock().replicas.values().any(|r| r.volume_uuid == v.id.to_string()))
+        .count();
+    assert_eq!(holders, 2, "one replica on each node");
+    // Settled: a resize goes through.
+    eventually("the pending mark cleared", 30, || async {
+        api.resize_volume("vol-a", ByteSize::mib(20)).await.ok().map(drop)
+    })
+    .await;
+    n1.stop().await;
+    n2.stop().await;
+    control.stop().await;
+}

@@ -1,9 +1,10 @@
-//! Volumes: finish what a crash interrupted (`creating`, a pending resize, `deleting`).
+//! Volumes: finish what a crash interrupted (`creating`, a pending resize or replica count,
+//! `deleting`).
 
 use super::Reconciler;
 use crate::events::Kind;
 use crate::registry::Registry;
-use crate::registry::records::VolumePhase;
+use crate::registry::records::{PendingOp, VolumePhase};
 
 impl Reconciler {
     pub(super) async fn volumes(&mut self, reg: &Registry) {
@@ -56,8 +57,10 @@ impl Reconciler {
             }
             VolumePhase::Ready => {}
         }
-        if record.pending.is_some() {
-            reg.apply_resize(&record).await?;
+        match record.pending {
+            Some(PendingOp::Resize { .. }) => reg.apply_resize(&record).await?,
+            Some(PendingOp::Replicas) => reg.finish_set_replicas(id, false).await?,
+            None => {}
         }
         Ok(())
     }

@@ -21,7 +21,8 @@ use trireme_types::{NodeId, ReplicaId, VolumeId};
 
 use crate::ControlError;
 use crate::events::Kind;
-use crate::registry::records::{ChildHealth, NodeRecord, VolumePhase, VolumeRecord};
+use crate::registry::records::{ChildHealth, NodeRecord, PendingOp, VolumePhase, VolumeRecord};
+use crate::registry::volumes::busy;
 use crate::registry::{Registry, State};
 
 /// Serialises writes of node records (flags and registration). Control runs one registry per
@@ -185,14 +186,20 @@ impl Registry {
                 });
             }
         }
+        if matches!(record.pending, Some(PendingOp::Resize { .. })) {
+            return Err(busy(&record, "it is being resized"));
+        }
         let before = record.replica_count;
+        // The count is the intent, marked pending until the replicas match it: a crash before
+        // that leaves it for the reconciler to finish.
+        self.update_volume(vid, |r| {
+            check_settable(r)?;
+            r.replica_count = replicas;
+            r.pending = Some(PendingOp::Replicas);
+            Ok(())
+        })
+        .await?;
         if before != replicas {
-            self.update_volume(vid, |r| {
-                check_settable(r)?;
-                r.replica_count = replicas;
-                Ok(())
-            })
-            .await?;
             self.events
                 .record(
                     Kind::Volume,
@@ -202,27 +209,49 @@ impl Registry {
                 )
                 .await;
         }
-        let result = if wanted > current {
-            self.grow(vid, wanted - current).await
-        } else {
-            self.shrink(vid, current - wanted).await
-        };
-        if let Err(e) = result {
-            // Keep the spec honest: it says what the volume has now, not what it failed to get.
-            let fallback = self
-                .update_volume(vid, |r| {
-                    let have = u8::try_from(r.replicas.len()).unwrap_or(u8::MAX);
-                    r.replica_count = have.max(1);
-                    Ok(())
-                })
-                .await;
-            if let Err(u) = fallback {
-                tracing::warn!(volume = %vid, "cannot correct the replica count after a failed set-replicas: {u}");
-            }
-            return Err(e);
-        }
+        self.finish_set_replicas(vid, true).await?;
         self.wake();
         self.volume(&vid.to_string())
+    }
+
+    /// Adds or removes replicas until the volume has as many as its spec says, then clears the
+    /// pending mark (caller holds the volume's operation lock). On failure, with `settle`, the
+    /// spec is made to say what the volume has, not what it failed to get: the answer to a
+    /// request. Without it the mark stays for another try: the reconciler after a crash,
+    /// when the nodes may not be back yet (a new `set-replicas` settles it either way).
+    pub(crate) async fn finish_set_replicas(
+        &self,
+        vid: VolumeId,
+        settle: bool,
+    ) -> Result<(), ControlError> {
+        let Some(record) = self.volume_record(&vid) else { return Ok(()) };
+        let (current, wanted) = (record.replicas.len(), usize::from(record.replica_count));
+        let result = if wanted > current {
+            self.grow(vid, wanted - current).await
+        } else if wanted < current {
+            self.shrink(vid, current - wanted).await
+        } else {
+            Ok(())
+        };
+        let failed = result.is_err();
+        if failed && !settle {
+            return result;
+        }
+        let settled = self
+            .update_volume(vid, |r| {
+                if failed {
+                    let have = u8::try_from(r.replicas.len()).unwrap_or(u8::MAX);
+                    r.replica_count = have.max(1);
+                }
+                r.pending = None;
+                Ok(())
+            })
+            .await;
+        if let Err(u) = &settled {
+            tracing::warn!(volume = %vid, "cannot settle the replica count after set-replicas: {u}");
+        }
+        result?;
+        settled.map(drop)
     }
 
     /// Adds `n` replicas (caller holds the volume's operation lock).

@@ -132,6 +132,8 @@ pub enum VolumePhase {
 pub enum PendingOp {
     /// Grow replicas, then the nexus, to `size`; then `size` becomes the spec.
     Resize { size: ByteSize },
+    /// Add or remove replicas until the volume has `replica_count` of them.
+    Replicas,
 }
 
 /// Where one replica of a volume lives.
@@ -278,7 +280,7 @@ impl VolumeRecord {
     pub fn target_size(&self) -> ByteSize {
         match &self.pending {
             Some(PendingOp::Resize { size }) => (*size).max(self.size),
-            None => self.size,
+            Some(PendingOp::Replicas) | None => self.size,
         }
     }
 

@@ -424,6 +424,9 @@ impl Registry {
                 requested: size,
             });
         }
+        if record.pending == Some(PendingOp::Replicas) {
+            return Err(busy(&record, "its replica count is changing"));
+        }
         if size == record.size && record.pending.is_none() {
             return self.volume(&vid.to_string()); // idempotent: already this size
         }
@@ -473,7 +476,9 @@ impl Registry {
 
     /// Carries out a pending resize; commits the new size.
     pub(crate) async fn apply_resize(&self, record: &VolumeRecord) -> Result<(), ControlError> {
-        let Some(PendingOp::Resize { size }) = record.pending.clone() else { return Ok(()) };
+        let Some(PendingOp::Resize { size }) = record.pending.clone() else {
+            return Ok(());
+        };
         for r in &record.replicas {
             let endpoint = self.state.read().online_endpoint(&r.node).ok_or_else(|| {
                 ControlError::NodeUnavailable { node: r.node.clone(), state: "offline".into() }
@@ -666,5 +671,12 @@ impl Registry {
             )
             .await;
         self.volume(&vid.to_string())
+    }
+}
+
+/// The answer to a change while another one is still being carried out on the volume.
+pub(crate) fn busy(record: &VolumeRecord, why: &str) -> ControlError {
+    ControlError::InvalidBody {
+        detail: format!("volume {} cannot change now: {why}; retry when it is done", record.name),
     }
 }

@@ -105,9 +105,7 @@ impl Nexus {
         let outcome = self.children.lock().fault_instance(child, reason);
         match outcome {
             FaultOutcome::Faulted => {
-                // What the child acknowledged since the last flush may be lost with it.
-                let unflushed = self.unflushed.lock().regions();
-                self.queue_dirty(unflushed);
+                self.log_unflushed();
                 if let Some(token) = self.rebuild_cancels.lock().remove(&replica) {
                     token.1.cancel();
                 }
@@ -157,6 +155,13 @@ impl Nexus {
             };
             self.mark_dirty(missing).await?;
         }
+    }
+
+    /// A child just faulted: what it acknowledged since the last flush may be lost with it,
+    /// so those regions go to the log (queued; nothing waits for them).
+    pub(super) fn log_unflushed(&self) {
+        let unflushed = self.unflushed.lock().regions();
+        self.queue_dirty(unflushed);
     }
 
     /// Queues the regions the log lacks for the recorder; returns the batch that will carry

@@ -391,6 +391,8 @@ impl Nexus {
         let reason = if side == "target" { err.fault_reason() } else { FaultReason::Disconnected };
         let outcome = self.children.lock().fault(job.replica, reason);
         if outcome == FaultOutcome::Faulted {
+            // The target took client writes while it rebuilt.
+            self.log_unflushed();
             self.kick.notify_one();
         }
         tracing::warn!(volume = %self.volume, replica = %job.replica, kind = ?job.kind,

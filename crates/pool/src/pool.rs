@@ -33,6 +33,29 @@ enum Plan<T> {
     Go(T),
 }
 
+/// Clusters reserved for a structural operation and not yet journaled. Dropped before
+/// [`Reserved::journaled`], whether the operation failed or its caller went away while the
+/// clusters were being zeroed, it returns them to the free pool.
+struct Reserved<'a> {
+    inner: &'a Inner,
+    extents: Vec<crate::record::Extent>,
+}
+
+impl Reserved<'_> {
+    /// The journal now owns the clusters.
+    fn journaled(mut self) {
+        self.extents.clear();
+    }
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        if !self.extents.is_empty() {
+            self.inner.meta().unreserve_extents(&self.extents);
+        }
+    }
+}
+
 fn now_unix() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
@@ -257,7 +280,41 @@ impl Pool {
     }
 
     /// Creates a replica (idempotent: the same id, size and kind returns the existing one).
+    ///
+    /// Runs to the end even if the caller goes away (see [`Pool::detached`]): a retry waits
+    /// for it and finds the replica.
     pub async fn create_replica(
+        &self,
+        id: ReplicaId,
+        size: ByteSize,
+        thin: bool,
+        meta: ReplicaMeta,
+    ) -> Result<ReplicaInfo, PoolError> {
+        self.detached(
+            move |pool| async move { pool.create_replica_here(id, size, thin, meta).await },
+        )
+        .await
+    }
+
+    /// Runs a structural operation that zeroes clusters in a task of its own.
+    ///
+    /// A thick create or grow zeroes its clusters before it journals them, which takes long on
+    /// a disk without a zeroing offload, longer than an RPC deadline. Were the operation
+    /// dropped there, its clusters would go back to the free pool while the zeroing already
+    /// handed to the kernel still ran, and could zero another replica's new data.
+    async fn detached<F, Fut, T>(&self, op: F) -> Result<T, PoolError>
+    where
+        F: FnOnce(Pool) -> Fut,
+        Fut: std::future::Future<Output = Result<T, PoolError>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let pool = Pool { inner: Arc::clone(&self.inner) };
+        tokio::spawn(op(pool)).await.map_err(|e| {
+            PoolError::io("structural operation task failed", std::io::Error::other(e))
+        })?
+    }
+
+    async fn create_replica_here(
         &self,
         id: ReplicaId,
         size: ByteSize,
@@ -290,8 +347,8 @@ impl Pool {
                 }
             }
         };
-        let extents = match plan {
-            Plan::Go(x) => x,
+        let reserved = match plan {
+            Plan::Go(x) => Reserved { inner: &self.inner, extents: x },
             Plan::Exists(info) => {
                 drop(admin);
                 // The creation may not be durable yet if its own commit is still running.
@@ -299,11 +356,10 @@ impl Pool {
                 return Ok(info);
             }
         };
-        if let Err(e) = self.zero_extents(&extents).await {
-            self.inner.meta().unreserve_extents(&extents);
-            return Err(e);
-        }
+        self.zero_extents(&reserved.extents).await?;
+        let extents = reserved.extents.clone();
         self.inner.meta().log(Record::CreateReplica { id, size, thin, meta, extents })?;
+        reserved.journaled();
         // The commit runs outside the admin lock so that concurrent creations share it.
         drop(admin);
         self.inner.flush(false).await?;
@@ -328,8 +384,17 @@ impl Pool {
         self.inner.flush(false).await
     }
 
-    /// Grows a replica; shrinking is refused.
+    /// Grows a replica; shrinking is refused. Like a create, runs to the end even if the
+    /// caller goes away.
     pub async fn resize_replica(
+        &self,
+        id: ReplicaId,
+        size: ByteSize,
+    ) -> Result<ReplicaInfo, PoolError> {
+        self.detached(move |pool| async move { pool.resize_replica_here(id, size).await }).await
+    }
+
+    async fn resize_replica_here(
         &self,
         id: ReplicaId,
         size: ByteSize,
@@ -363,20 +428,18 @@ impl Pool {
                 Plan::Go(xs)
             }
         };
-        let mut extents = match plan {
-            Plan::Go(x) => x,
+        let reserved = match plan {
+            Plan::Go(x) => Reserved { inner: &self.inner, extents: x },
             Plan::Exists(info) => {
                 drop(admin);
                 self.inner.flush(false).await?;
                 return Ok(info);
             }
         };
-        if let Err(e) = self.zero_extents(&extents).await {
-            self.inner.meta().unreserve_extents(&extents);
-            return Err(e);
-        }
-        let extents = std::mem::take(&mut extents);
+        self.zero_extents(&reserved.extents).await?;
+        let extents = reserved.extents.clone();
         self.inner.meta().log(Record::Resize { id, size: new, extents })?;
+        reserved.journaled();
         drop(admin);
         self.inner.flush(false).await?;
         self.replica_info(id)

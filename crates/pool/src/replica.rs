@@ -227,6 +227,45 @@ enum Allocated {
     Raced(IoBuf),
 }
 
+/// A virtual cluster being allocated by one request, and the physical cluster reserved for it.
+///
+/// Dropping it, however the request ends (an error, or its future dropped by a timeout or a
+/// closed connection), lets the requests waiting on the cluster look again and returns the
+/// reserved cluster to the free pool unless it was mapped. Without this a cancelled write
+/// would leave every later read and write of the cluster waiting forever.
+struct Claim<'a> {
+    inner: &'a Inner,
+    key: (ReplicaId, u32),
+    waiters: Arc<tokio::sync::Semaphore>,
+    cluster: u32,
+    mapped: bool,
+}
+
+impl<'a> Claim<'a> {
+    fn new(
+        inner: &'a Inner,
+        m: &mut crate::meta::Meta,
+        key: (ReplicaId, u32),
+        cluster: u32,
+    ) -> Self {
+        let waiters = Arc::new(tokio::sync::Semaphore::new(0));
+        m.inflight.insert(key, Arc::clone(&waiters));
+        Claim { inner, key, waiters, cluster, mapped: false }
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        let mut m = self.inner.meta();
+        m.inflight.remove(&self.key);
+        if !self.mapped {
+            m.unreserve(self.cluster);
+        }
+        drop(m);
+        self.waiters.close();
+    }
+}
+
 /// What a lookup of one virtual cluster found.
 enum Lookup {
     Hole,
@@ -403,10 +442,9 @@ impl Ctx<'_> {
         within: u64,
     ) -> Result<Allocated, PoolError> {
         let cs = self.inner.cluster_size();
-        let sem = Arc::new(tokio::sync::Semaphore::new(0));
         let mut committed = false;
         let expected = old.map_or(HOLE, |p| p + 1);
-        let new = loop {
+        let mut claim = loop {
             let quarantined = {
                 let mut m = self.inner.meta();
                 let current = m.replicas.get(&self.id).ok_or(PoolError::Destroyed(self.id))?;
@@ -414,8 +452,7 @@ impl Ctx<'_> {
                     return Ok(Allocated::Raced(buf));
                 }
                 if let Some(new) = m.reserve() {
-                    m.inflight.insert((self.id, v), sem.clone());
-                    break new;
+                    break Claim::new(self.inner, &mut m, (self.id, v), new);
                 }
                 // An empty quarantine does not prove the pool full: a commit under way may be
                 // about to free what it took from the quarantine. One commit of our own waits
@@ -433,15 +470,15 @@ impl Ctx<'_> {
             self.inner.flush(false).await?;
             committed = true;
         };
-        let res = self.fill(new, old, buf, boff, len, within).await;
+        let res = self.fill(claim.cluster, old, buf, boff, len, within).await;
         let mut m = self.inner.meta();
-        m.inflight.remove(&(self.id, v));
-        sem.close();
         let ok = res.as_ref().is_ok_and(|_| m.replicas.contains_key(&self.id));
-        if ok && m.log(Record::Map { id: self.id, v, p: new }).is_ok() {
+        if ok && m.log(Record::Map { id: self.id, v, p: claim.cluster }).is_ok() {
+            claim.mapped = true;
+            drop(m);
             return res.map(Allocated::Done);
         }
-        m.unreserve(new);
+        drop(m);
         res.and(Err(PoolError::Destroyed(self.id)))
     }
 

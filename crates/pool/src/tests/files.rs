@@ -2,6 +2,7 @@
 //! pread/pwrite fallback behaves the same.
 
 use std::os::fd::AsRawFd;
+use std::time::Duration;
 
 use trireme_types::{ByteSize, ReplicaId};
 
@@ -85,4 +86,50 @@ async fn the_pool_counts_its_disk_operations() {
     assert_eq!(after.sync_latency.count(), after.sync_ops);
     assert!(after.read_latency.sum > before.read_latency.sum);
     pool.close().await.unwrap();
+}
+
+/// Polls `fut` once and drops it: a caller that goes away, as an RPC past its deadline does.
+fn abandon<F: std::future::Future>(fut: F) {
+    let mut fut = std::pin::pin!(fut);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    assert!(fut.as_mut().poll(&mut cx).is_pending(), "finished in one poll: nothing abandoned");
+}
+
+/// A thick create or grow whose caller goes away while its clusters are being zeroed still
+/// finishes: giving the clusters back at once would let the zeroing already handed to the
+/// kernel land on whichever replica got them next. A retry finds the finished work.
+#[tokio::test]
+async fn an_abandoned_thick_create_or_resize_still_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = CreateOptions {
+        name: "p".into(),
+        cluster_size: ByteSize::mib(1),
+        size: Some(ByteSize::mib(64)),
+    };
+    let pool = Pool::create(&dir.path().join("p.img"), opts).await.unwrap();
+    let free = pool.info().free.bytes();
+    let id = ReplicaId::new_random();
+    abandon(pool.create_replica(id, ByteSize::mib(16), false, ReplicaMeta::default()));
+    wait_until(|| pool.open_replica(id).is_ok()).await;
+    assert_eq!(pool.info().free.bytes(), free - ByteSize::mib(16).bytes());
+    let again =
+        pool.create_replica(id, ByteSize::mib(16), false, ReplicaMeta::default()).await.unwrap();
+    assert_eq!(again.size, ByteSize::mib(16));
+    assert_eq!(pool.info().free.bytes(), free - ByteSize::mib(16).bytes());
+
+    abandon(pool.resize_replica(id, ByteSize::mib(32)));
+    wait_until(|| pool.replica_info(id).is_ok_and(|r| r.size == ByteSize::mib(32))).await;
+    pool.resize_replica(id, ByteSize::mib(32)).await.unwrap();
+    assert_eq!(pool.info().free.bytes(), free - ByteSize::mib(32).bytes());
+    pool.close().await.unwrap();
+}
+
+async fn wait_until(mut done: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the abandoned operation never finished");
 }

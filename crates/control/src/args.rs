@@ -17,6 +17,11 @@ pub struct ControlArgs {
     /// Seconds without a heartbeat after which a node is offline.
     #[arg(long, env = "TRIREME_NODE_TIMEOUT_SECS", default_value_t = 10)]
     pub node_timeout_secs: u64,
+    /// Seconds one call to an engine may take. A thick replica's create or grow, which zeroes
+    /// its new space, is asked again after each timeout for as long as zeroing that space at
+    /// 32 MiB/s would take.
+    #[arg(long, env = "TRIREME_ENGINE_CALL_SECS", default_value_t = 10)]
+    pub engine_call_secs: u64,
     /// Seconds between reconcile passes (they also run when something changes).
     #[arg(long, env = "TRIREME_RECONCILE_SECS", default_value_t = 2)]
     pub reconcile_secs: u64,
@@ -38,6 +43,7 @@ impl ControlArgs {
             grpc_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             data_dir: data_dir.into(),
             node_timeout_secs: 10,
+            engine_call_secs: 10,
             reconcile_secs: 2,
             child_retry_secs: 3,
             replica_replace_secs: 300,

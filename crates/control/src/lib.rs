@@ -42,8 +42,6 @@ pub use rest::openapi_json;
 
 /// The store file inside the data dir.
 pub const STORE_FILE: &str = "control.redb";
-/// How long engine calls may take.
-const ENGINE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long shutdown waits for servers and reconcilers before aborting them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -111,8 +109,9 @@ pub async fn start(args: ControlArgs, shutdown: CancellationToken) -> anyhow::Re
     let tokens = Arc::new(auth::Tokens::ensure(&args.data_dir)?);
     let store = open_store(&args.data_dir.join(STORE_FILE)).await?;
     let node_timeout = Duration::from_secs(args.node_timeout_secs.max(1));
+    let engine_timeout = Duration::from_secs(args.engine_call_secs.max(1));
     let registry =
-        Arc::new(registry::Registry::load(Arc::new(store), node_timeout, ENGINE_TIMEOUT).await?);
+        Arc::new(registry::Registry::load(Arc::new(store), node_timeout, engine_timeout).await?);
 
     let api = tokio::net::TcpListener::bind(args.api_listen)
         .await

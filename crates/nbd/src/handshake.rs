@@ -340,8 +340,9 @@ where
             };
         self.out.clear();
         if chosen {
-            OptionReply::meta_context(opt, ALLOCATION_CONTEXT_ID, BASE_ALLOCATION)
-                .encode_into(&mut self.out);
+            // LIST names contexts without selecting one: its id is reserved, zero.
+            let id = if set { ALLOCATION_CONTEXT_ID } else { 0 };
+            OptionReply::meta_context(opt, id, BASE_ALLOCATION).encode_into(&mut self.out);
             if set {
                 self.selected = Some((req.export.clone(), ALLOCATION_CONTEXT_ID));
             }

@@ -8,7 +8,8 @@
 //! Every connection is independent: whatever one client sends only ends that client's
 //! connection. On shutdown the listener stops accepting, each connection stops reading new
 //! requests, lets in-flight ones finish within `shutdown_grace`, flushes its replies and
-//! closes; the serve call returns when all connection tasks have ended.
+//! closes; the serve call returns when all connection tasks have ended. Requests still running
+//! after the grace are carried out without a reply, never cancelled half way.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,7 +41,8 @@ pub struct ServerConfig {
     /// Once a request has started arriving, the rest of it (and each reply write) must
     /// complete within this.
     pub io_timeout: Duration,
-    /// On shutdown or disconnect, how long in-flight requests may take before being aborted.
+    /// On shutdown or disconnect, how long to wait for in-flight requests' replies. Requests
+    /// still running then go on without one.
     pub shutdown_grace: Duration,
     /// Connections beyond this are closed right after accept.
     pub max_connections: usize,

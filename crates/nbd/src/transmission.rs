@@ -210,15 +210,19 @@ pub(crate) async fn run<R, W>(
     })
     .await;
     if drained.is_err() {
-        warn!(remaining = tasks.len(), "in-flight requests did not finish in time; aborting them");
-        tasks.abort_all();
-        while tasks.join_next().await.is_some() {}
-    }
-    drop(ctx);
-    // An aborted task may have left a reply half written; then nothing more can be sent.
-    if drained.is_ok() {
+        // The requests are carried out all the same: a write cancelled half way could leave
+        // the export's copies of the data (a nexus's replicas) different, with nothing
+        // recording it. Only their replies are given up, since the connection closes now.
+        warn!(
+            remaining = tasks.len(),
+            "in-flight requests did not finish in time; closing without their replies"
+        );
+        sink.abandon();
+        tasks.detach_all();
+    } else {
         sink.drain().await;
     }
+    drop(ctx);
     sink.shutdown().await;
 }
 
@@ -372,6 +376,12 @@ impl<W: AsyncWrite + Unpin> ReplySink<W> {
             })
             .count();
         q.drain(..n).collect()
+    }
+
+    /// Drops every reply not yet written, and any sent later.
+    fn abandon(&self) {
+        self.broken.store(true, Ordering::Release);
+        self.queue().clear();
     }
 
     /// Ends the write side once every reply has been written.

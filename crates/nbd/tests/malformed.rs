@@ -295,6 +295,8 @@ async fn block_status_with_base_allocation() {
     let replies = c.option_replies().await;
     assert_eq!(replies.len(), 2);
     assert_eq!(&replies[0].data[4..], BASE_ALLOCATION.as_bytes());
+    // LIST selects nothing: the id in its replies is reserved and zero.
+    assert_eq!(&replies[0].data[..4], &[0; 4]);
     let set = MetaContextRequest {
         export: NAME.into(),
         queries: vec!["x-other:thing".into(), BASE_ALLOCATION.into()],
@@ -303,6 +305,7 @@ async fn block_status_with_base_allocation() {
     let replies = c.option_replies().await;
     assert_eq!(replies[0].reply_type, REP_META_CONTEXT);
     let id = u32::from_be_bytes(replies[0].data[..4].try_into().unwrap());
+    assert_ne!(id, 0);
     assert!(c.go(NAME).await.is_ok());
     // 8 KiB of data at 64 KiB.
     c.request(Command::Write, 0, 1, 65536, 8192).await;
@@ -469,5 +472,69 @@ async fn block_size_constraints_are_enforced() {
     assert_eq!(c.simple_reply().await, (errno::EINVAL, 4));
     c.request(Command::Read, 0, 5, 4096, 4096).await;
     assert_eq!(c.simple_reply().await, (0, 5));
+    srv.stop().await;
+}
+
+/// An export whose writes wait until the test lets them go, as a stalled disk would.
+struct Stalled {
+    inner: MemExport,
+    go: Arc<tokio::sync::Semaphore>,
+}
+
+#[async_trait::async_trait]
+impl Export for Stalled {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    async fn read(&self, o: u64, l: u32) -> Result<IoBuf, ExportError> {
+        self.inner.read(o, l).await
+    }
+    async fn write(&self, o: u64, d: IoBuf, f: bool) -> Result<(), ExportError> {
+        let _go = self.go.acquire().await;
+        self.inner.write(o, d, f).await
+    }
+    async fn flush(&self) -> Result<(), ExportError> {
+        self.inner.flush().await
+    }
+    async fn trim(&self, o: u64, l: u64, f: bool) -> Result<(), ExportError> {
+        self.inner.trim(o, l, f).await
+    }
+    async fn write_zeroes(&self, o: u64, l: u64, t: bool, f: bool) -> Result<(), ExportError> {
+        self.inner.write_zeroes(o, l, t, f).await
+    }
+    async fn block_status(&self, o: u64, l: u64) -> Result<Vec<Extent>, ExportError> {
+        self.inner.block_status(o, l).await
+    }
+}
+
+/// NBD_CMD_DISC asks the server to finish every outstanding request. One that outlasts the
+/// shutdown grace loses its reply, but is still carried out: cancelling a write half way
+/// could leave a nexus's replicas different with nothing recording it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_outlasting_the_grace_after_disc_is_still_carried_out() {
+    let (registry, export) = registry();
+    let go = Arc::new(tokio::sync::Semaphore::new(0));
+    let stalled = Arc::new(Stalled { inner: MemExport::new(SIZE), go: Arc::clone(&go) });
+    registry.insert("stalled", "writes wait", Arc::clone(&stalled) as Arc<dyn Export>);
+    let config = ServerConfig { shutdown_grace: Duration::from_millis(100), ..Default::default() };
+    let srv = start_registry(registry, export, config).await;
+
+    let mut c = Raw::ready_on(srv.addr, "stalled", true).await;
+    c.request(Command::Write, 0, 1, 4096, 512).await;
+    c.send(&[7u8; 512]).await;
+    c.request(Command::Disc, 0, 2, 0, 0).await;
+    assert!(c.closed().await, "the server did not close after DISC and its grace");
+
+    go.add_permits(1);
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let back = stalled.inner.read(4096, 512).await.unwrap();
+        if back.iter().all(|&b| b == 7) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the write was cancelled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_healthy(srv.addr).await;
     srv.stop().await;
 }

@@ -211,11 +211,16 @@ impl Raw {
 
     /// A transmission-phase client on `NAME`, optionally with structured replies.
     pub async fn ready(addr: SocketAddr, structured: bool) -> Raw {
+        Raw::ready_on(addr, NAME, structured).await
+    }
+
+    /// A transmission-phase client on `name` (an export of `SIZE` bytes).
+    pub async fn ready_on(addr: SocketAddr, name: &str, structured: bool) -> Raw {
         let mut raw = Raw::negotiating(addr).await;
         if structured {
             raw.structured().await;
         }
-        let (size, _) = raw.go(NAME).await.unwrap();
+        let (size, _) = raw.go(name).await.unwrap();
         assert_eq!(size, SIZE);
         raw
     }

@@ -103,6 +103,27 @@ impl Client {
         path: &str,
         body: Option<&B>,
     ) -> Result<T, ClientError> {
+        let (url, status, bytes) = self.send(method, path, body).await?;
+        let bytes = if status == StatusCode::NO_CONTENT || bytes.is_empty() {
+            b"null".as_slice().into()
+        } else {
+            bytes
+        };
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode {
+            url,
+            status: status.as_u16(),
+            detail: e.to_string(),
+        })
+    }
+
+    /// Sends one request; a status other than success is an error, with control's problem
+    /// document when it sent one.
+    async fn send<B: Serialize>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<(String, StatusCode, bytes::Bytes), ClientError> {
         let url = format!("{}{}", self.base, path);
         let mut req = self.http.request(method, &url);
         if let Some(token) = &self.token {
@@ -136,16 +157,7 @@ impl Client {
                 }),
             });
         }
-        let bytes = if status == StatusCode::NO_CONTENT || bytes.is_empty() {
-            b"null".as_slice().into()
-        } else {
-            bytes
-        };
-        serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode {
-            url,
-            status: status.as_u16(),
-            detail: e.to_string(),
-        })
+        Ok((url, status, bytes))
     }
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
@@ -271,18 +283,11 @@ impl Client {
         }
     }
 
-    /// The raw text of a path (for `/metrics` and `/v1/openapi.json`).
+    /// The raw text of a path (for `/metrics` and `/v1/openapi.json`); an error status is an
+    /// error, not text.
     pub async fn get_text(&self, path: &str) -> Result<String, ClientError> {
-        let url = format!("{}{}", self.base, path);
-        let mut req = self.http.get(&url);
-        if let Some(token) = &self.token {
-            req = req.bearer_auth(token);
-        }
-        let resp = req
-            .send()
-            .await
-            .map_err(|source| ClientError::Unreachable { url: url.clone(), source })?;
-        resp.text().await.map_err(|source| ClientError::Unreachable { url, source })
+        let (_, _, bytes) = self.send::<()>(Method::GET, path, None).await?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 }
 

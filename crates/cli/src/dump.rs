@@ -5,7 +5,8 @@
 //!   trireme-dump/api/*.json       nodes, pools, volumes, replicas (spec and status), events,
 //!                                 health and readiness: everything the store holds, as the API shows it
 //!   trireme-dump/api/metrics.txt  control's Prometheus metrics
-//!   trireme-dump/local/…          for a local `trireme up`: up.json, each engine's pools.json, and
+//!   trireme-dump/local/…          for a local `trireme up`: up.json, each engine's pools.json and
+//!                                 Prometheus metrics (NBD and disk latencies, rebuilds), and
 //!                                 the last LOG_TAIL bytes of every server log
 //! ```
 //! A part that cannot be had is recorded in the manifest with the reason, and the bundle is
@@ -27,6 +28,8 @@ use crate::{CliError, Endpoint, GlobalOpts};
 
 /// The most of each log file kept: its end, where the failure is.
 const LOG_TAIL: u64 = 16 << 20;
+/// How long one engine may take to give its metrics.
+const METRICS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// The folder every entry of the archive is under.
 const ROOT: &str = "trireme-dump";
 
@@ -122,7 +125,9 @@ pub(crate) async fn run(args: DumpArgs) -> Result<(), CliError> {
 
     api_parts(&mut bundle, &client).await.map_err(write_err)?;
     if let Some(dir) = &local {
-        local_parts(&mut bundle, &Layout::new(dir)).map_err(write_err)?;
+        let layout = Layout::new(dir);
+        local_parts(&mut bundle, &layout).map_err(write_err)?;
+        engine_metrics(&mut bundle, &layout).await.map_err(write_err)?;
     }
 
     let failed: Vec<String> = bundle
@@ -184,6 +189,27 @@ fn local_parts(bundle: &mut Bundle, layout: &Layout) -> Result<(), std::io::Erro
     for log in logs {
         let name = log.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         bundle.add_or_note(&format!("local/logs/{name}"), tail(&log, LOG_TAIL))?;
+    }
+    Ok(())
+}
+
+/// Each running engine's own metrics, found through `up.json`: control's cover the cluster,
+/// these the data path of each node.
+async fn engine_metrics(bundle: &mut Bundle, layout: &Layout) -> Result<(), std::io::Error> {
+    let Ok(state) = trireme_up::UpState::read(&layout.state_file()) else {
+        return Ok(()); // recorded as missing with local/up.json
+    };
+    for node in &state.nodes {
+        let fetch = async {
+            let client = Client::new(&node.metrics.to_string(), None).map_err(|e| e.to_string())?;
+            match tokio::time::timeout(METRICS_TIMEOUT, client.get_text("/metrics")).await {
+                Ok(text) => text.map(String::into_bytes).map_err(|e| e.to_string()),
+                Err(_) => {
+                    Err(format!("no answer from {} within {METRICS_TIMEOUT:?}", node.metrics))
+                }
+            }
+        };
+        bundle.add_or_note(&format!("local/{}/metrics.txt", node.name), fetch.await)?;
     }
     Ok(())
 }

@@ -50,11 +50,15 @@ async fn dump_bundles_the_cluster_and_its_logs_without_tokens() {
         "local/logs/control.log",
         "local/logs/node-1.log",
         "local/node-1/pools.json",
+        "local/node-1/metrics.txt",
     ] {
         assert!(files.contains_key(part), "no {part} in the bundle: {:?}", files.keys());
     }
     assert!(files["api/volumes.json"].contains("\"dumped\""), "{}", files["api/volumes.json"]);
     assert!(files["api/metrics.txt"].contains("trireme_volumes"));
+    // The engine's own: its pool's disk, which control's metrics do not have.
+    let engine = &files["local/node-1/metrics.txt"];
+    assert!(engine.contains("trireme_pool_disk_latency_seconds"), "{engine}");
     let manifest: serde_json::Value = serde_json::from_str(&files["manifest.json"]).unwrap();
     let failed: Vec<_> =
         manifest["parts"].as_array().unwrap().iter().filter(|p| p.get("error").is_some()).collect();

@@ -34,8 +34,9 @@ pub enum UpError {
     )]
     PortsOverflow { api: u16, nodes: u16, highest: u32 },
     #[error(
-        "{what} address {addr} is already in use (is another trireme running?); \
-         pick another --api port"
+        "{what} address {addr} is already in use: another trireme is running, or the \
+         servers of one that was killed are still stopping (they exit within seconds); \
+         wait, or give another cluster its own --api port and --data-dir"
     )]
     PortInUse { what: String, addr: SocketAddr },
     #[error("cannot listen on {addr} for {what}: {source}")]
@@ -79,7 +80,14 @@ fn last_words(last: &Option<String>) -> String {
 /// The last line a child wrote, skipping `up`'s own start markers.
 fn last_log_line(path: &std::path::Path) -> Option<String> {
     const MAX: usize = 300;
-    let text = std::fs::read_to_string(path).ok()?;
+    // The end of the log is enough, and a log of any size or with stray bytes still gives it.
+    const TAIL: u64 = 64 << 10;
+    let mut file = std::fs::File::open(path).ok()?;
+    let len = file.metadata().ok()?.len();
+    std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(len.saturating_sub(TAIL))).ok()?;
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut file, &mut bytes).ok()?;
+    let text = String::from_utf8_lossy(&bytes);
     let line = text
         .lines()
         .rev()
@@ -118,5 +126,8 @@ mod tests {
         );
         let e = UpError::child("node-1", "is slow".into(), dir.path().join("none.log"));
         assert!(e.to_string().ends_with("none.log"), "{e}");
+        // A stray byte earlier in the log does not hide its last line.
+        std::fs::write(&log, b"\xff\xfe garbage\nerror: cannot listen\n").unwrap();
+        assert_eq!(last_log_line(&log).as_deref(), Some("error: cannot listen"));
     }
 }

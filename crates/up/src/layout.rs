@@ -51,6 +51,11 @@ impl Layout {
         self.control_dir().join("viewer.token")
     }
 
+    /// How many nodes an earlier run left here: node-1, node-2, … up to the first missing one.
+    pub fn existing_nodes(&self) -> u16 {
+        (1..=u16::MAX).take_while(|&i| self.node_dir(i).is_dir()).last().unwrap_or(0)
+    }
+
     pub fn node_dir(&self, index: u16) -> PathBuf {
         self.root.join(node_name(index))
     }

@@ -58,16 +58,18 @@ pub struct UpArgs {
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
 
-    /// How many engines (storage nodes) to run.
-    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=100))]
-    pub nodes: u16,
+    /// How many engines (storage nodes) to run [default: as many as the data directory's
+    /// cluster had, else 3].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=100))]
+    pub nodes: Option<u16>,
 
     /// The size of each engine's file-backed pool (KiB, MiB, GiB, TiB).
     #[arg(long, value_name = "SIZE", default_value = "4GiB")]
     pub pool_size: ByteSize,
 
     /// The REST API's listen address; every other port derives from its port P (control gRPC
-    /// P+1, engine i gRPC P+10+2i and NBD P+11+2i).
+    /// P+1, engine i gRPC P+10+2i and NBD P+11+2i, and with N nodes, engine i metrics
+    /// P+11+2N+i).
     #[arg(long, value_name = "ADDR", default_value = DEFAULT_API, value_parser = parse_api_addr)]
     pub api: SocketAddr,
 
@@ -87,6 +89,13 @@ pub struct UpArgs {
     pub child_env: Vec<(String, String)>,
 }
 
+impl UpArgs {
+    /// The nodes to run (the default until `run` has looked at the data directory).
+    fn node_count(&self) -> u16 {
+        self.nodes.unwrap_or(DEFAULT_NODES)
+    }
+}
+
 /// The data directory `up` uses without `--data-dir`: `$TRIREME_DATA_DIR`, else
 /// `$XDG_DATA_HOME/trireme`, else `$HOME/.local/share/trireme`. The CLI looks for the admin
 /// token and `up.json` here.
@@ -103,12 +112,31 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()
     Ok(run_cluster(args, shutdown).await?)
 }
 
-async fn run_cluster(args: UpArgs, shutdown: CancellationToken) -> Result<(), UpError> {
+/// Nodes when neither the flag nor an earlier run says otherwise.
+const DEFAULT_NODES: u16 = 3;
+
+/// The flag if given, else as many nodes as the data directory's cluster had, else the default.
+fn nodes_to_run(flag: Option<u16>, earlier: u16) -> u16 {
+    flag.or((earlier > 0).then_some(earlier)).unwrap_or(DEFAULT_NODES)
+}
+
+async fn run_cluster(mut args: UpArgs, shutdown: CancellationToken) -> Result<(), UpError> {
     let dir = args.data_dir.clone().or_else(default_data_dir).ok_or(UpError::NoDataDir)?;
-    let dir = prepare_dir(&dir, args.nodes)?;
+    let earlier = Layout::new(&dir).existing_nodes();
+    let nodes = nodes_to_run(args.nodes, earlier);
+    if nodes < earlier {
+        tracing::warn!(
+            "this cluster had {earlier} nodes; starting {nodes} leaves node-{}..node-{earlier} \
+             offline, and volumes with replicas there degraded or unavailable \
+             (`trireme up --nodes {earlier}` brings them back)",
+            nodes + 1
+        );
+    }
+    args.nodes = Some(nodes);
+    let dir = prepare_dir(&dir, nodes)?;
     let layout = Layout::new(&dir);
     let _lock = lock::DirLock::acquire(&layout.lock_file(), &dir)?;
-    let ports = Ports::derive(args.api, args.nodes)?;
+    let ports = Ports::derive(args.api, nodes)?;
     check_ports_free(&ports)?;
     let binary = match &args.binary {
         Some(b) => b.clone(),
@@ -180,18 +208,18 @@ async fn start(
     let observed = state.subscribe();
     let client = bootstrap::wait_for_control(api_url, layout, &observed).await?;
     tracing::info!(url = %api_url, "control is ready");
-    let threads = args.engine_threads.unwrap_or_else(|| engine_threads(args.nodes));
+    let threads = args.engine_threads.unwrap_or_else(|| engine_threads(args.node_count()));
     for engine in &ports.engines {
         let spec = engine_spec(binary, layout, ports, engine, threads, &args.child_env);
         tasks.spawn(supervise::supervise(spec, state.clone(), stop.clone()));
     }
-    bootstrap::wait_for_nodes(&client, args.nodes, layout, &observed).await?;
-    tracing::info!(nodes = args.nodes, "every node is online");
+    bootstrap::wait_for_nodes(&client, args.node_count(), layout, &observed).await?;
+    tracing::info!(nodes = args.node_count(), "every node is online");
     for engine in &ports.engines {
         bootstrap::ensure_pool(&client, engine.index, args.pool_size, layout).await?;
     }
-    bootstrap::wait_for_pools(&client, args.nodes, layout).await?;
-    tracing::info!(pools = args.nodes, "every pool is online");
+    bootstrap::wait_for_pools(&client, args.node_count(), layout).await?;
+    tracing::info!(pools = args.node_count(), "every pool is online");
     Ok(())
 }
 
@@ -285,6 +313,8 @@ fn engine_spec(
         layout.node_dir(engine.index).display().to_string(),
         "--worker-threads".into(),
         threads.to_string(),
+        "--metrics-listen".into(),
+        engine.metrics.to_string(),
     ];
     ChildSpec {
         log: layout.log_file(&name),
@@ -321,6 +351,7 @@ fn initial_state(layout: &Layout, ports: &Ports) -> UpState {
                 pid: None,
                 grpc: e.grpc,
                 nbd: e.nbd,
+                metrics: ports::reachable(e.metrics),
                 state_dir: layout.node_dir(e.index),
                 pool: pool_name(e.index),
                 pool_disk: layout.pool_image(e.index),
@@ -343,8 +374,8 @@ fn banner(args: &UpArgs, layout: &Layout, api_url: &str) -> String {
          \x20 logs:         {}/\n\
          \x20 state:        {}\n\
          try:\n",
-        args.nodes,
-        if args.nodes == 1 { "" } else { "s" },
+        args.node_count(),
+        if args.node_count() == 1 { "" } else { "s" },
         args.pool_size,
         layout.admin_token().display(),
         layout.logs_dir().display(),

@@ -6,6 +6,8 @@
 //!   P+1        control gRPC (engines register and heartbeat here)
 //!   P+10+2i    engine i gRPC   (i = 1..=N)
 //!   P+11+2i    engine i NBD
+//!   P+11+2N+i  engine i Prometheus /metrics (after every engine's pair, so that the ports
+//!              above stay where earlier versions put them)
 //! ```
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -21,6 +23,7 @@ pub struct EnginePorts {
     pub index: u16,
     pub grpc: SocketAddr,
     pub nbd: SocketAddr,
+    pub metrics: SocketAddr,
 }
 
 /// Every address of a cluster of `nodes` engines whose API listens on `api`.
@@ -37,7 +40,8 @@ impl Ports {
         if p == 0 {
             return Err(UpError::ZeroPort);
         }
-        let highest = p + 11 + 2 * u32::from(nodes);
+        let n = u32::from(nodes);
+        let highest = p + 11 + 3 * n;
         if highest > u32::from(u16::MAX) {
             return Err(UpError::PortsOverflow { api: api.port(), nodes, highest });
         }
@@ -46,7 +50,12 @@ impl Ports {
         let engines = (1..=nodes)
             .map(|i| {
                 let i32 = u32::from(i);
-                EnginePorts { index: i, grpc: at(10 + 2 * i32), nbd: at(11 + 2 * i32) }
+                EnginePorts {
+                    index: i,
+                    grpc: at(10 + 2 * i32),
+                    nbd: at(11 + 2 * i32),
+                    metrics: at(11 + 2 * n + i32),
+                }
             })
             .collect();
         Ok(Self { api, control_grpc: at(1), engines })
@@ -61,6 +70,7 @@ impl Ports {
         for e in &self.engines {
             out.push((format!("node-{} gRPC", e.index), e.grpc));
             out.push((format!("node-{} NBD", e.index), e.nbd));
+            out.push((format!("node-{} metrics", e.index), e.metrics));
         }
         out
     }
@@ -114,7 +124,12 @@ mod tests {
         assert_eq!(p.engines.len(), 3);
         assert_eq!(
             p.engines[0],
-            EnginePorts { index: 1, grpc: addr("127.0.0.1:7492"), nbd: addr("127.0.0.1:7493") }
+            EnginePorts {
+                index: 1,
+                grpc: addr("127.0.0.1:7492"),
+                nbd: addr("127.0.0.1:7493"),
+                metrics: addr("127.0.0.1:7498"),
+            }
         );
         assert_eq!(p.engines[2].grpc, addr("127.0.0.1:7496"));
         assert_eq!(p.engines[2].nbd, addr("127.0.0.1:7497"));
@@ -122,7 +137,8 @@ mod tests {
         let mut all: Vec<u16> = p.all().iter().map(|(_, a)| a.port()).collect();
         all.sort_unstable();
         all.dedup();
-        assert_eq!(all.len(), 2 + 2 * 3);
+        assert_eq!(all.len(), 2 + 3 * 3);
+        assert_eq!(p.engines[2].metrics, addr("127.0.0.1:7500"));
     }
 
     #[test]
@@ -136,7 +152,7 @@ mod tests {
         assert!(Ports::derive(addr("127.0.0.1:65520"), 1).is_ok());
         assert!(matches!(
             Ports::derive(addr("127.0.0.1:65520"), 3),
-            Err(UpError::PortsOverflow { highest: 65537, .. })
+            Err(UpError::PortsOverflow { highest: 65540, .. })
         ));
         assert!(matches!(Ports::derive(addr("127.0.0.1:0"), 3), Err(UpError::ZeroPort)));
     }

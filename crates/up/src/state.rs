@@ -49,6 +49,8 @@ pub struct NodeState {
     pub pid: Option<u32>,
     pub grpc: SocketAddr,
     pub nbd: SocketAddr,
+    /// The engine's Prometheus `/metrics` (NBD and pool disk latencies, rebuilds).
+    pub metrics: SocketAddr,
     pub state_dir: PathBuf,
     /// `pool-<i>`.
     pub pool: String,
@@ -138,6 +140,7 @@ mod tests {
                 pid: None,
                 grpc: "127.0.0.1:7492".parse().unwrap(),
                 nbd: "127.0.0.1:7493".parse().unwrap(),
+                metrics: "127.0.0.1:7495".parse().unwrap(),
                 state_dir: "/d/node-1".into(),
                 pool: "pool-1".into(),
                 pool_disk: "/d/node-1/pool.img".into(),

@@ -94,22 +94,36 @@ pub async fn supervise(
                 let pid = child.id();
                 state.send_modify(|s| s.set_pid(&spec.name, pid, restarted));
                 tracing::info!(child = %spec.name, pid, "started");
-                tokio::select! {
-                    status = child.wait() => {
-                        state.send_modify(|s| s.set_pid(&spec.name, None, false));
-                        let status = describe(status);
-                        tracing::warn!(
-                            child = %spec.name,
-                            %status,
-                            ran_for = ?started.elapsed(),
-                            log = %spec.log.display(),
-                            "child exited unexpectedly"
-                        );
-                    }
-                    () = shutdown.cancelled() => {
-                        stop(&spec.name, &mut child).await;
-                        state.send_modify(|s| s.set_pid(&spec.name, None, false));
-                        return;
+                let mut log_check = tokio::time::interval(LOG_CHECK_EVERY);
+                log_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        status = child.wait() => {
+                            state.send_modify(|s| s.set_pid(&spec.name, None, false));
+                            let status = describe(status);
+                            tracing::warn!(
+                                child = %spec.name,
+                                %status,
+                                ran_for = ?started.elapsed(),
+                                log = %spec.log.display(),
+                                "child exited unexpectedly"
+                            );
+                            break;
+                        }
+                        () = shutdown.cancelled() => {
+                            stop(&spec.name, &mut child).await;
+                            state.send_modify(|s| s.set_pid(&spec.name, None, false));
+                            return;
+                        }
+                        _ = log_check.tick() => {
+                            let log = spec.log.clone();
+                            let rotated =
+                                tokio::task::spawn_blocking(move || rotate_open(&log, LOG_ROTATE_AT))
+                                    .await;
+                            if let Ok(Err(e)) = rotated {
+                                tracing::warn!(child = %spec.name, error = %e, "cannot rotate the log");
+                            }
+                        }
                     }
                 }
             }
@@ -134,9 +148,44 @@ fn describe(status: std::io::Result<ExitStatus>) -> String {
     }
 }
 
-/// A log past this size is moved to `<name>.log.1` (replacing the previous one) when its child
-/// next starts, so that a long-lived development cluster does not fill the disk.
+/// A log past this size is moved to `<name>.log.1` (replacing the previous one), so that a
+/// long-lived development cluster does not fill the disk: when its child next starts, or at the
+/// next check while it runs.
 const LOG_ROTATE_AT: u64 = 64 << 20;
+/// How often the log of a running child is checked against [`LOG_ROTATE_AT`].
+const LOG_CHECK_EVERY: Duration = Duration::from_secs(60);
+
+/// Rotates the log of a running child if it is past `limit`. The child keeps its descriptor
+/// (opened for append), so the log cannot be renamed away from it: it is copied aside and
+/// truncated in place instead, and the child's next line lands at the start. A line written
+/// between the copy and the truncation is lost. Returns whether it rotated.
+pub(crate) fn rotate_open(log: &std::path::Path, limit: u64) -> std::io::Result<bool> {
+    if !std::fs::metadata(log).is_ok_and(|m| m.len() > limit) {
+        return Ok(false);
+    }
+    let mut old = log.as_os_str().to_owned();
+    old.push(".1");
+    std::fs::copy(log, &old)?;
+    OpenOptions::new().write(true).open(log)?.set_len(0)?;
+    Ok(true)
+}
+
+/// Settings that name one server's own addresses or directories. Set in `up`'s environment,
+/// every child would inherit the same value: engines fighting over one metrics port, or
+/// advertising one address between them. `up` gives each child its own by flag instead.
+/// Cluster-wide tunables (heartbeat, rebuild bandwidth, …) are still passed down.
+pub(crate) const PER_INSTANCE_ENV: [&str; 10] = [
+    "TRIREME_API_LISTEN",
+    "TRIREME_GRPC_LISTEN",
+    "TRIREME_GRPC_ADVERTISE",
+    "TRIREME_NBD_LISTEN",
+    "TRIREME_NBD_ADVERTISE",
+    "TRIREME_METRICS_LISTEN",
+    "TRIREME_NODE_ID",
+    "TRIREME_STATE_DIR",
+    "TRIREME_DATA_DIR",
+    "TRIREME_CONTROL",
+];
 
 fn spawn(spec: &ChildSpec) -> std::io::Result<Child> {
     if let Some(dir) = spec.log.parent() {
@@ -154,6 +203,9 @@ fn spawn(spec: &ChildSpec) -> std::io::Result<Child> {
     let parent = i32::try_from(std::process::id()).map_err(std::io::Error::other)?;
 
     let mut cmd = Command::new(&spec.binary);
+    for var in PER_INSTANCE_ENV {
+        cmd.env_remove(var);
+    }
     cmd.args(&spec.args)
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())

@@ -18,7 +18,8 @@ fn parse(args: &[&str]) -> Result<UpArgs, clap::Error> {
 #[test]
 fn defaults() {
     let a = parse(&[]).unwrap();
-    assert_eq!(a.nodes, 3);
+    assert_eq!(a.nodes, None);
+    assert_eq!(a.node_count(), 3);
     assert_eq!(a.pool_size, ByteSize::gib(4));
     assert_eq!(a.api, "127.0.0.1:7480".parse().unwrap());
     assert_eq!(a.data_dir, None);
@@ -38,7 +39,7 @@ fn flags() {
     ])
     .unwrap();
     assert_eq!(a.data_dir.as_deref(), Some(Path::new("/tmp/x")));
-    assert_eq!(a.nodes, 1);
+    assert_eq!(a.nodes, Some(1));
     assert_eq!(a.pool_size, ByteSize::mib(512));
     assert_eq!(a.api.port(), 9000);
 }
@@ -95,7 +96,9 @@ fn children_get_derived_addresses_and_dirs() {
             "--state-dir",
             "/d/node-2",
             "--worker-threads",
-            "2"
+            "2",
+            "--metrics-listen",
+            "127.0.0.1:20017"
         ]
     );
     assert_eq!(engine.log, Path::new("/d/logs/node-2.log"));
@@ -247,7 +250,7 @@ async fn a_crash_looping_control_fails_startup_clearly() {
     let api = free_api_port();
     let args = UpArgs {
         data_dir: Some(tmp.path().join("data")),
-        nodes: 1,
+        nodes: Some(1),
         pool_size: ByteSize::mib(64),
         api,
         engine_threads: None,
@@ -281,4 +284,40 @@ fn free_api_port() -> SocketAddr {
         }
     }
     panic!("no free port range");
+}
+
+/// A second `up` without `--nodes` resumes as many nodes as the cluster had, so that volumes
+/// placed on node-4 and node-5 of a five-node cluster do not silently go offline.
+#[test]
+fn the_node_count_of_an_earlier_run_is_found_in_the_data_dir() {
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = Layout::new(tmp.path());
+    assert_eq!(layout.existing_nodes(), 0);
+    prepare_dir(tmp.path(), 5).unwrap();
+    assert_eq!(layout.existing_nodes(), 5);
+    // A gap ends the count: node-7 alone is not a seventh node of this cluster.
+    std::fs::create_dir(layout.node_dir(7)).unwrap();
+    assert_eq!(layout.existing_nodes(), 5);
+
+    assert_eq!(nodes_to_run(None, 5), 5);
+    assert_eq!(nodes_to_run(None, 0), 3);
+    assert_eq!(nodes_to_run(Some(2), 5), 2);
+    assert_eq!(nodes_to_run(Some(4), 0), 4);
+}
+
+/// A child that never restarts still has its log kept bounded: copied aside and truncated
+/// under the descriptor the child keeps writing through.
+#[test]
+fn the_log_of_a_running_child_is_rotated_in_place() {
+    use std::io::Write;
+    let tmp = tempfile::tempdir().unwrap();
+    let log = tmp.path().join("node-1.log");
+    let mut child = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+    child.write_all(&[b'a'; 100]).unwrap();
+    assert!(!supervise::rotate_open(&log, 100).unwrap(), "rotated at the limit");
+    child.write_all(b"b").unwrap();
+    assert!(supervise::rotate_open(&log, 100).unwrap());
+    child.write_all(b"after\n").unwrap();
+    assert_eq!(std::fs::read(&log).unwrap(), b"after\n");
+    assert_eq!(std::fs::read(tmp.path().join("node-1.log.1")).unwrap().len(), 101);
 }

@@ -229,10 +229,11 @@ enum Allocated {
 
 /// A virtual cluster being allocated by one request, and the physical cluster reserved for it.
 ///
-/// Dropping it, however the request ends (an error, or its future dropped by a timeout or a
-/// closed connection), lets the requests waiting on the cluster look again and returns the
-/// reserved cluster to the free pool unless it was mapped. Without this a cancelled write
-/// would leave every later read and write of the cluster waiting forever.
+/// Dropping it, however the request ends, lets the requests waiting on the cluster look again
+/// and returns the reserved cluster to the free pool unless it was mapped. A write runs in a
+/// task of its own, so its caller going away does not end it here; an error on any path, a
+/// panic or an aborted task does, and must not leave every later read and write of the
+/// cluster waiting forever.
 struct Claim<'a> {
     inner: &'a Inner,
     key: (ReplicaId, u32),

@@ -382,11 +382,10 @@ fn banner(args: &UpArgs, layout: &Layout, api_url: &str) -> String {
         layout.state_file().display(),
     );
     // The CLI finds a cluster in the default data directory by itself; elsewhere it needs help.
+    // TRIREME_DATA_DIR leads the CLI to up.json (the API's address) and the admin token, and
+    // `dump` to the logs, so that every command reaches this cluster and no other.
     if !default_dir {
-        out.push_str(&format!(
-            "  export TRIREME_API={api_url} TRIREME_TOKEN=\"$(cat {})\"\n",
-            layout.admin_token().display()
-        ));
+        out.push_str(&format!("  export TRIREME_DATA_DIR={}\n", layout.root().display()));
     }
     out.push_str(&format!(
         "  trireme volume create v1 --size {} && trireme volume publish v1\n",

@@ -181,7 +181,7 @@ fn banner_tells_where_things_are() {
     assert_eq!(hint_size(ByteSize::mib(256)), ByteSize::mib(64));
     assert_eq!(hint_size(ByteSize::mib(2)), ByteSize::mib(1));
     // Not the default directory: the hint says how to point the CLI at it.
-    assert!(b.contains("export TRIREME_API=http://127.0.0.1:7480 TRIREME_TOKEN="), "{b}");
+    assert!(b.contains("export TRIREME_DATA_DIR=/nonexistent/x\n"), "{b}");
 }
 
 /// A child that is killed comes back with a new pid; shutdown stops it.

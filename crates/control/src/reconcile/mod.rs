@@ -82,7 +82,16 @@ pub struct Reconciler {
     volume_states: HashMap<VolumeId, trireme_types::VolumeState>,
     /// Volumes whose nexus was observed where the spec wants it; one missing later was lost.
     nexuses_seen: std::collections::HashSet<VolumeId>,
+    /// When old tombstones were last looked for.
+    tombstones_checked: Option<std::time::Instant>,
 }
+
+/// How long the store remembers a deleted volume, so that its replicas on a node that was away
+/// when it was deleted are still recognised and destroyed when the node returns.
+const TOMBSTONE_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+/// How often, and how many per pass, old tombstones are removed.
+const TOMBSTONE_CHECK_EVERY: Duration = Duration::from_secs(600);
+const TOMBSTONE_BATCH: usize = 1000;
 
 /// Runs passes until cancelled.
 pub async fn run(registry: Arc<Registry>, settings: Settings, cancel: CancellationToken) {
@@ -98,6 +107,21 @@ pub async fn run(registry: Arc<Registry>, settings: Settings, cancel: Cancellati
             _ = cancel.cancelled() => break,
             _ = tokio::time::sleep(period) => {}
             _ = registry.woken() => {}
+        }
+    }
+}
+
+impl Reconciler {
+    async fn expire_tombstones(&mut self, reg: &Registry) {
+        if self.tombstones_checked.is_some_and(|t| t.elapsed() < TOMBSTONE_CHECK_EVERY) {
+            return;
+        }
+        self.tombstones_checked = Some(std::time::Instant::now());
+        let now = crate::events::now_ms();
+        match reg.expire_tombstones(now, TOMBSTONE_RETENTION, TOMBSTONE_BATCH).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(count = n, "forgot tombstones of volumes deleted long ago"),
+            Err(e) => tracing::warn!(error = %e, "cannot remove old tombstones"),
         }
     }
 }
@@ -124,6 +148,7 @@ impl Reconciler {
         self.children(reg).await;
         self.drain(reg).await;
         self.destroy_orphaned(reg).await;
+        self.expire_tombstones(reg).await;
         self.state_events(reg).await;
     }
 

@@ -119,7 +119,7 @@ impl Reconciler {
                         continue;
                     }
                     let Ok(owner) = rep.volume_uuid.parse::<VolumeId>() else { continue };
-                    if !st.tombstones.contains(&owner) && !st.volumes.contains_key(&owner) {
+                    if !st.tombstones.contains_key(&owner) && !st.volumes.contains_key(&owner) {
                         continue;
                     }
                     replicas.push((node.clone(), *rid));

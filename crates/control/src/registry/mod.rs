@@ -28,7 +28,7 @@ pub mod replicas;
 pub mod view;
 pub mod volumes;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -98,7 +98,8 @@ pub struct State {
     pub volumes: BTreeMap<VolumeId, VolumeRecord>,
     pub observed: HashMap<NodeId, Observation>,
     /// Volumes this store deleted.
-    pub tombstones: HashSet<VolumeId>,
+    /// Volumes this store deleted, and when (ms since the epoch).
+    pub tombstones: HashMap<VolumeId, u64>,
     /// Bumped whenever an engine call's result is written into a node's observation, so that
     /// a listing that started before it cannot overwrite it with older data.
     pub epochs: HashMap<NodeId, u64>,
@@ -187,9 +188,10 @@ impl Registry {
             let record: VolumeRecord = records::decode(&key, &v.value)?;
             state.volumes.insert(record.id, record);
         }
-        for (key, _) in store.list(records::TOMBSTONES).await? {
+        for (key, v) in store.list(records::TOMBSTONES).await? {
             if let Ok(id) = key.trim_start_matches(records::TOMBSTONES).parse::<VolumeId>() {
-                state.tombstones.insert(id);
+                let tomb: records::TombstoneRecord = records::decode(&key, &v.value)?;
+                state.tombstones.insert(id, tomb.deleted_ms);
             }
         }
         let events = EventLog::load(store.clone(), crate::events::RETAINED).await?;
@@ -288,6 +290,41 @@ impl Registry {
         }
     }
 
+    /// Forgets tombstones older than `retention`, at most `batch` per call. Without this the
+    /// store would keep one for every volume ever deleted (CI clusters delete thousands).
+    /// A node that comes back after the retention with a replica of such a volume keeps it:
+    /// the orphan collector leaves replicas of volumes it does not know alone.
+    pub(crate) async fn expire_tombstones(
+        &self,
+        now_ms: u64,
+        retention: Duration,
+        batch: usize,
+    ) -> Result<usize, ControlError> {
+        let cutoff =
+            now_ms.saturating_sub(u64::try_from(retention.as_millis()).unwrap_or(u64::MAX));
+        let old: Vec<VolumeId> = self
+            .state
+            .read()
+            .tombstones
+            .iter()
+            .filter(|&(_, &deleted)| deleted < cutoff)
+            .map(|(id, _)| *id)
+            .take(batch)
+            .collect();
+        if old.is_empty() {
+            return Ok(0);
+        }
+        let txn = old
+            .iter()
+            .fold(trireme_store::Txn::new(), |t, id| t.delete(records::tombstone_key(id)));
+        self.store.txn(txn).await?;
+        let mut st = self.state.write();
+        for id in &old {
+            st.tombstones.remove(id);
+        }
+        Ok(old.len())
+    }
+
     pub(crate) async fn remove_volume(&self, record: &VolumeRecord) -> Result<(), ControlError> {
         let tomb_key = records::tombstone_key(&record.id);
         let tomb = records::TombstoneRecord {
@@ -303,7 +340,7 @@ impl Registry {
         let mut st = self.state.write();
         st.volumes.remove(&record.id);
         st.volume_messages.remove(&record.id);
-        st.tombstones.insert(record.id);
+        st.tombstones.insert(record.id, tomb.deleted_ms);
         drop(st);
         self.forget_volume_lock(&record.id);
         Ok(())
@@ -330,5 +367,37 @@ impl Registry {
 
     pub fn volume_record(&self, id: &VolumeId) -> Option<VolumeRecord> {
         self.state.read().volumes.get(id).cloned()
+    }
+}
+
+#[cfg(test)]
+mod tombstone_tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[tokio::test]
+    async fn tombstones_expire_after_the_retention_and_stay_expired() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(trireme_store::RedbStore::open(dir.path().join("s.redb")).await.unwrap());
+        let (old, recent) = (VolumeId::new_random(), VolumeId::new_random());
+        for (id, deleted_ms) in [(old, 1_000), (recent, 10_000)] {
+            let key = records::tombstone_key(&id);
+            let tomb = records::TombstoneRecord { version: records::RECORD_VERSION, deleted_ms };
+            store.put(&key, records::encode(&key, &tomb).unwrap()).await.unwrap();
+        }
+        let secs = Duration::from_secs(10);
+        let reg = Registry::load(Arc::clone(&store), secs, secs).await.unwrap();
+        assert_eq!(reg.state.read().tombstones.len(), 2);
+
+        // Kept 5 s: at 10.5 s, the one deleted at 1 s goes, the one deleted at 10 s stays.
+        let gone = reg.expire_tombstones(10_500, Duration::from_secs(5), 100).await.unwrap();
+        assert_eq!(gone, 1);
+        let kept: Vec<VolumeId> = reg.state.read().tombstones.keys().copied().collect();
+        assert_eq!(kept, vec![recent]);
+        assert!(store.get(&records::tombstone_key(&old)).await.unwrap().is_none());
+        let reloaded = Registry::load(store, secs, secs).await.unwrap();
+        assert_eq!(reloaded.state.read().tombstones.len(), 1);
     }
 }

@@ -97,15 +97,8 @@ pub async fn wait_for_nodes(
         let Some(missing) = missing else {
             return Ok(());
         };
-        let crashing = state
-            .borrow()
-            .nodes
-            .iter()
-            .find(|n| n.restarts >= CRASH_LOOP)
-            .map(|n| (n.name.clone(), n.restarts));
-        let (node, problem) = if let Some((node, restarts)) = crashing {
-            (node, format!("keeps exiting (restarted {restarts} times)"))
-        } else if Instant::now() >= deadline {
+        crash_loop(state, layout)?;
+        let (node, problem) = if Instant::now() >= deadline {
             (node_name(missing), format!("did not come online within {}s", STEP_TIMEOUT.as_secs()))
         } else {
             tokio::time::sleep(POLL).await;
@@ -115,12 +108,32 @@ pub async fn wait_for_nodes(
     }
 }
 
+/// Fails at once, quoting its log, if an engine keeps exiting: waiting out a step's timeout
+/// for a node that cannot stay up would only delay the same answer.
+pub(crate) fn crash_loop(state: &watch::Receiver<UpState>, layout: &Layout) -> Result<(), UpError> {
+    let crashing = state
+        .borrow()
+        .nodes
+        .iter()
+        .find(|n| n.restarts >= CRASH_LOOP)
+        .map(|n| (n.name.clone(), n.restarts));
+    match crashing {
+        Some((node, restarts)) => Err(UpError::child(
+            &node,
+            format!("keeps exiting (restarted {restarts} times)"),
+            layout.log_file(&node),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Creates `pool-<i>` on `node-<i>` backed by `DIR/node-<i>/pool.img`, or finds it there.
 pub async fn ensure_pool(
     client: &Client,
     index: u16,
     size: ByteSize,
     layout: &Layout,
+    state: &watch::Receiver<UpState>,
 ) -> Result<(), UpError> {
     let (pool, node) = (pool_name(index), node_name(index));
     let invalid = |e: trireme_types::IdError| UpError::Pool {
@@ -157,6 +170,7 @@ pub async fn ensure_pool(
             tracing::warn!(pool = %pool, error = %err, "keeping the existing pool");
             return Ok(());
         }
+        crash_loop(state, layout)?;
         if !retryable(&err) || Instant::now() >= deadline {
             return Err(UpError::Pool { pool, node, reason: err.to_string() });
         }
@@ -167,7 +181,12 @@ pub async fn ensure_pool(
 
 /// Waits until pools `1..=nodes` are online: control creates (or imports) them on their
 /// engines asynchronously, and a volume can only be placed on an online pool.
-pub async fn wait_for_pools(client: &Client, nodes: u16, layout: &Layout) -> Result<(), UpError> {
+pub async fn wait_for_pools(
+    client: &Client,
+    nodes: u16,
+    layout: &Layout,
+    state: &watch::Receiver<UpState>,
+) -> Result<(), UpError> {
     let deadline = Instant::now() + STEP_TIMEOUT;
     loop {
         let listed = match tokio::time::timeout(CALL_TIMEOUT, client.pools()).await {
@@ -195,6 +214,7 @@ pub async fn wait_for_pools(client: &Client, nodes: u16, layout: &Layout) -> Res
         let Some((index, reason)) = pending else {
             return Ok(());
         };
+        crash_loop(state, layout)?;
         if Instant::now() >= deadline {
             return Err(UpError::PoolNotOnline {
                 pool: pool_name(index),

@@ -216,9 +216,9 @@ async fn start(
     bootstrap::wait_for_nodes(&client, args.node_count(), layout, &observed).await?;
     tracing::info!(nodes = args.node_count(), "every node is online");
     for engine in &ports.engines {
-        bootstrap::ensure_pool(&client, engine.index, args.pool_size, layout).await?;
+        bootstrap::ensure_pool(&client, engine.index, args.pool_size, layout, &observed).await?;
     }
-    bootstrap::wait_for_pools(&client, args.node_count(), layout).await?;
+    bootstrap::wait_for_pools(&client, args.node_count(), layout, &observed).await?;
     tracing::info!(pools = args.node_count(), "every pool is online");
     Ok(())
 }

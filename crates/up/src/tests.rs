@@ -321,3 +321,19 @@ fn the_log_of_a_running_child_is_rotated_in_place() {
     assert_eq!(std::fs::read(&log).unwrap(), b"after\n");
     assert_eq!(std::fs::read(tmp.path().join("node-1.log.1")).unwrap().len(), 101);
 }
+
+/// An engine that keeps exiting after it registered ends the pool steps at once, naming it
+/// and its log, instead of after each step's full timeout.
+#[test]
+fn an_engine_in_a_crash_loop_is_named() {
+    let layout = Layout::new("/d");
+    let ports = Ports::derive("127.0.0.1:20000".parse().unwrap(), 2).unwrap();
+    let (tx, rx) = watch::channel(initial_state(&layout, &ports));
+    assert!(bootstrap::crash_loop(&rx, &layout).is_ok());
+    tx.send_modify(|s| s.nodes[1].restarts = 3);
+    let err = bootstrap::crash_loop(&rx, &layout).unwrap_err().to_string();
+    assert!(
+        err.starts_with("node-2 keeps exiting (restarted 3 times); see /d/logs/node-2.log"),
+        "{err}"
+    );
+}

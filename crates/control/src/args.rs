@@ -17,10 +17,11 @@ pub struct ControlArgs {
     /// Seconds without a heartbeat after which a node is offline.
     #[arg(long, env = "TRIREME_NODE_TIMEOUT_SECS", default_value_t = 10)]
     pub node_timeout_secs: u64,
-    /// Seconds one call to an engine may take. A thick replica's create or grow, which zeroes
-    /// its new space, is asked again after each timeout for as long as zeroing that space at
-    /// 32 MiB/s would take.
-    #[arg(long, env = "TRIREME_ENGINE_CALL_SECS", default_value_t = 10)]
+    /// Seconds one call to an engine may take (below the engines' own 120 s limit). A thick
+    /// replica's create zeroes its space within one call: raise this for large thick volumes
+    /// on disks without a zeroing offload.
+    #[arg(long, env = "TRIREME_ENGINE_CALL_SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=110))]
     pub engine_call_secs: u64,
     /// Seconds between reconcile passes (they also run when something changes).
     #[arg(long, env = "TRIREME_RECONCILE_SECS", default_value_t = 2)]

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint};
 use trireme_rpc::engine_client::EngineClient;
@@ -44,11 +44,6 @@ impl EngineError {
     }
 }
 
-/// The slowest a disk is assumed to zero space it has no offload for. A thick replica's create
-/// or grow zeroes the new space first, so it may take its size at this rate beyond the usual
-/// call timeout.
-const ZEROING_FLOOR_BYTES_PER_SEC: u64 = 32 << 20;
-
 /// The engine channels, by node.
 #[derive(Debug)]
 pub struct Engines {
@@ -87,37 +82,6 @@ impl Engines {
             .connect_lazy();
         channels.insert(node.clone(), (endpoint.to_owned(), channel.clone()));
         Ok(EngineClient::new(channel))
-    }
-
-    /// How long, in all, a call may take that makes the engine zero `bytes` of new space.
-    pub fn zeroing_budget(&self, bytes: u64) -> Duration {
-        self.timeout + Duration::from_secs(bytes / ZEROING_FLOOR_BYTES_PER_SEC)
-    }
-
-    /// Runs an idempotent call whose work the engine finishes even when a call gives up on it
-    /// (a thick replica's create or grow), repeating it after each timeout until `budget` is
-    /// spent: a repeat waits for the work under way and then finds it done. Any other
-    /// failure (the engine gone, a refusal) ends it at once.
-    pub async fn call_repeating<T, F, Fut>(
-        &self,
-        node: &NodeId,
-        op: &'static str,
-        budget: Duration,
-        mut call: F,
-    ) -> Result<T, EngineError>
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-    {
-        let deadline = Instant::now() + budget;
-        loop {
-            match self.call(node, op, call()).await {
-                Err(EngineError::Timeout { .. }) if Instant::now() < deadline => {
-                    tracing::info!(%node, op, "engine still working; asking again");
-                }
-                other => return other,
-            }
-        }
     }
 
     /// Runs one call with the engine timeout, turning its failure into an [`EngineError`].

@@ -311,31 +311,3 @@ async fn concurrent_identical_creates_make_one_volume() {
     n1.stop().await;
     control.stop().await;
 }
-
-/// A thick create whose zeroing outlasts one engine call still makes the volume: control asks
-/// again (the engine finishes the work once begun) instead of failing the create and
-/// deleting what was half made.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_thick_create_slower_than_one_engine_call_succeeds() {
-    let dir = tempfile::tempdir().unwrap();
-    let control = TestControl::start_with(
-        dir.path(),
-        "127.0.0.1:0".parse().unwrap(),
-        "127.0.0.1:0".parse().unwrap(),
-        |a| a.engine_call_secs = 1,
-    )
-    .await;
-    let api = control.admin();
-    let n1 = FakeNode::start("node-1", control.grpc).await;
-    nodes_online(&api, 1).await;
-    pool_online(&api, "pool-1", "node-1", 1 << 30).await;
-    n1.state.lock().thick_create_takes = Some(std::time::Duration::from_millis(3500));
-
-    let v = api.create_volume(&vol("slow", ByteSize::mib(512))).await.unwrap();
-    assert_eq!(v.status.replicas.len(), 1);
-    let st = n1.state.lock();
-    let waits = st.calls.iter().filter(|c| **c == "CreateReplica (waiting)").count();
-    assert!(waits >= 3, "control did not have to ask again: {:?}", st.calls);
-    assert!(!st.calls.contains(&"DestroyReplica"), "{:?}", st.calls);
-    assert_eq!(st.replicas.len(), 1);
-}

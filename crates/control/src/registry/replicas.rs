@@ -193,7 +193,7 @@ impl Registry {
         let endpoint = self.state.read().online_endpoint(&r.node).ok_or_else(|| {
             ControlError::NodeUnavailable { node: r.node.clone(), state: "offline".into() }
         })?;
-        let client = self.engines.client(&r.node, &endpoint)?;
+        let mut client = self.engines.client(&r.node, &endpoint)?;
         let req = rpc::CreateReplicaRequest {
             uuid: r.id.to_string(),
             pool: r.pool.to_string(),
@@ -201,14 +201,7 @@ impl Registry {
             thin: record.thin,
             volume_uuid: record.id.to_string(),
         };
-        let zeroed = if record.thin { 0 } else { req.size_bytes };
-        let rep = self
-            .engines
-            .call_repeating(&r.node, "CreateReplica", self.engines.zeroing_budget(zeroed), || {
-                let (mut client, req) = (client.clone(), req.clone());
-                async move { client.create_replica(req).await }
-            })
-            .await?;
+        let rep = self.engines.call(&r.node, "CreateReplica", client.create_replica(req)).await?;
         let mut st = self.state.write();
         let known = st.observed.get(&r.node).is_some_and(|o| o.replicas.contains_key(&r.id));
         // Until the next observation, count a new thick replica against its pool's free

@@ -483,19 +483,11 @@ impl Registry {
             let endpoint = self.state.read().online_endpoint(&r.node).ok_or_else(|| {
                 ControlError::NodeUnavailable { node: r.node.clone(), state: "offline".into() }
             })?;
-            let client = self.engines.client(&r.node, &endpoint)?;
+            let mut client = self.engines.client(&r.node, &endpoint)?;
             let req =
                 rpc::ResizeReplicaRequest { uuid: r.id.to_string(), size_bytes: size.bytes() };
-            let zeroed =
-                if record.thin { 0 } else { size.bytes().saturating_sub(record.size.bytes()) };
-            let budget = self.engines.zeroing_budget(zeroed);
-            let rep = self
-                .engines
-                .call_repeating(&r.node, "ResizeReplica", budget, || {
-                    let (mut client, req) = (client.clone(), req.clone());
-                    async move { client.resize_replica(req).await }
-                })
-                .await?;
+            let rep =
+                self.engines.call(&r.node, "ResizeReplica", client.resize_replica(req)).await?;
             self.state.write().touch(&r.node).replicas.insert(r.id, rep);
         }
         let nexus_at =

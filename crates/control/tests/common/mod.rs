@@ -27,11 +27,6 @@ pub struct FakeState {
     pub fail_create_nexus: bool,
     /// ResizeReplica answers Unavailable, as a connection failure would.
     pub resize_unavailable: bool,
-    /// How long a thick CreateReplica takes, as zeroing a disk without an offload does. Like
-    /// the real engine, the work goes on when a call gives up, and a repeat waits for it.
-    pub thick_create_takes: Option<Duration>,
-    /// When each thick replica being created is done.
-    pub creating: HashMap<String, tokio::time::Instant>,
     pub calls: Vec<&'static str>,
     pub create_nexus_requests: Vec<rpc::CreateNexusRequest>,
     pub add_child_requests: Vec<rpc::AddChildRequest>,
@@ -155,21 +150,6 @@ impl rpc::engine_server::Engine for FakeEngine {
         r: Request<rpc::CreateReplicaRequest>,
     ) -> Result<Response<rpc::Replica>, Status> {
         let r = r.into_inner();
-        let done_at = {
-            let mut st = self.state.lock();
-            match st.thick_create_takes {
-                Some(takes) if !r.thin && !st.replicas.contains_key(&r.uuid) => Some(
-                    *st.creating
-                        .entry(r.uuid.clone())
-                        .or_insert_with(|| tokio::time::Instant::now() + takes),
-                ),
-                _ => None,
-            }
-        };
-        if let Some(at) = done_at {
-            self.state.lock().calls.push("CreateReplica (waiting)");
-            tokio::time::sleep_until(at).await;
-        }
         let mut st = self.state.lock();
         st.calls.push("CreateReplica");
         if st.fail_create_replica {

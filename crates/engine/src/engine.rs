@@ -186,6 +186,13 @@ impl Engine {
             return Err(EngineError::ReplicaInUse { replica: id, volume });
         }
         let Some((name, pool, _)) = self.pools.find_replica(id) else {
+            // Not listed yet may mean still being created, by a call whose caller gave up:
+            // "already gone" would let that creation finish into a replica nobody owns.
+            if let Some((pool, _)) =
+                self.pools.online().into_iter().find(|(_, p)| p.is_creating(id))
+            {
+                return Err(EngineError::ReplicaCreating { replica: id, pool });
+            }
             return Ok(());
         };
         let shared = self.shares.unshare_replica(id);

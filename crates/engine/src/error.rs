@@ -39,6 +39,8 @@ pub enum EngineError {
         "replica {replica} is a child of the nexus of volume {volume}; destroy the nexus first"
     )]
     ReplicaInUse { replica: ReplicaId, volume: VolumeId },
+    #[error("replica {replica} is still being created in pool {pool}; try again once it is")]
+    ReplicaCreating { replica: ReplicaId, pool: PoolId },
     #[error("a nexus for volume {0} already exists with other children or a larger size")]
     NexusMismatch(VolumeId),
     #[error(transparent)]

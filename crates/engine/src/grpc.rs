@@ -44,7 +44,9 @@ pub fn to_status(e: EngineError) -> Status {
             Code::Unavailable
         }
         E::Nexus(_) => Code::FailedPrecondition,
-        E::ChildUnavailable { .. } | E::ReplicaMeta { .. } => Code::Unavailable,
+        E::ChildUnavailable { .. } | E::ReplicaMeta { .. } | E::ReplicaCreating { .. } => {
+            Code::Unavailable
+        }
         E::PoolBusy(_) => Code::Aborted,
         E::WipeUnsupported => Code::Unimplemented,
         E::StateFile { .. } | E::PoolTask { .. } => Code::Internal,
@@ -64,6 +66,7 @@ pub fn to_status(e: EngineError) -> Status {
             | PoolError::NotBlank { .. }
             | PoolError::UnsupportedVersion { .. } => Code::FailedPrecondition,
             PoolError::Closed | PoolError::Failed => Code::Unavailable,
+            PoolError::Abandoned => Code::Cancelled,
             _ => Code::Internal,
         },
     };

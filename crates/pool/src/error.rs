@@ -41,6 +41,8 @@ pub enum PoolError {
     Failed,
     #[error("pool is closed")]
     Closed,
+    #[error("the caller went away before the operation started; nothing was done")]
+    Abandoned,
     #[error("replica {0} was destroyed")]
     Destroyed(ReplicaId),
     #[error("{context}: {source}")]

@@ -80,6 +80,8 @@ pub(crate) struct Meta {
     pub(crate) quarantine: Vec<u32>,
     /// Virtual clusters being allocated or copied; waiters wait for the semaphore to close.
     pub(crate) inflight: HashMap<(ReplicaId, u32), Arc<tokio::sync::Semaphore>>,
+    /// Replicas whose creation has reserved its clusters and not yet journaled them.
+    pub(crate) creating: std::collections::HashSet<ReplicaId>,
 }
 
 impl Meta {
@@ -97,6 +99,7 @@ impl Meta {
             pending_n: 0,
             quarantine: Vec::new(),
             inflight: HashMap::new(),
+            creating: std::collections::HashSet::new(),
         }
     }
 

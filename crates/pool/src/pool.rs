@@ -39,6 +39,8 @@ enum Plan<T> {
 struct Reserved<'a> {
     inner: &'a Inner,
     extents: Vec<crate::record::Extent>,
+    /// The replica being created, listed in [`Meta::creating`] until then.
+    creating: Option<ReplicaId>,
 }
 
 impl Reserved<'_> {
@@ -50,8 +52,26 @@ impl Reserved<'_> {
 
 impl Drop for Reserved<'_> {
     fn drop(&mut self) {
+        let mut m = self.inner.meta();
         if !self.extents.is_empty() {
-            self.inner.meta().unreserve_extents(&self.extents);
+            m.unreserve_extents(&self.extents);
+        }
+        if let Some(id) = self.creating {
+            m.creating.remove(&id);
+        }
+    }
+}
+
+/// The side of a detached operation that tells whether its caller still waits for it.
+struct Caller(tokio::sync::oneshot::Receiver<()>);
+
+impl Caller {
+    /// Fails with [`PoolError::Abandoned`] if the caller went away (an RPC deadline passed
+    /// while the operation queued behind another): the work it asked for is not started.
+    fn still_waiting(&mut self) -> Result<(), PoolError> {
+        match self.0.try_recv() {
+            Err(tokio::sync::oneshot::error::TryRecvError::Closed) => Err(PoolError::Abandoned),
+            _ => Ok(()),
         }
     }
 }
@@ -242,6 +262,12 @@ impl Pool {
         Ok(guard)
     }
 
+    /// Whether a creation of replica `id` is under way (zeroing its space): it is not listed
+    /// yet, but a destroy must not be told it is already gone.
+    pub fn is_creating(&self, id: ReplicaId) -> bool {
+        self.inner.meta().creating.contains(&id)
+    }
+
     pub fn info(&self) -> PoolInfo {
         let cs = self.inner.cluster_size();
         let m = self.inner.meta();
@@ -290,9 +316,9 @@ impl Pool {
         thin: bool,
         meta: ReplicaMeta,
     ) -> Result<ReplicaInfo, PoolError> {
-        self.detached(
-            move |pool| async move { pool.create_replica_here(id, size, thin, meta).await },
-        )
+        self.detached(move |pool, caller| async move {
+            pool.create_replica_here(id, size, thin, meta, caller).await
+        })
         .await
     }
 
@@ -301,15 +327,17 @@ impl Pool {
     /// A thick create or grow zeroes its clusters before it journals them, which takes long on
     /// a disk without a zeroing offload, longer than an RPC deadline. Were the operation
     /// dropped there, its clusters would go back to the free pool while the zeroing already
-    /// handed to the kernel still ran, and could zero another replica's new data.
+    /// handed to the kernel still ran, and could zero another replica's new data. One whose
+    /// caller left while it still waited for the admin lock does not start at all.
     async fn detached<F, Fut, T>(&self, op: F) -> Result<T, PoolError>
     where
-        F: FnOnce(Pool) -> Fut,
+        F: FnOnce(Pool, Caller) -> Fut,
         Fut: std::future::Future<Output = Result<T, PoolError>> + Send + 'static,
         T: Send + 'static,
     {
+        let (_waiting, caller) = tokio::sync::oneshot::channel::<()>();
         let pool = Pool { inner: Arc::clone(&self.inner) };
-        tokio::spawn(op(pool)).await.map_err(|e| {
+        tokio::spawn(op(pool, Caller(caller))).await.map_err(|e| {
             PoolError::io("structural operation task failed", std::io::Error::other(e))
         })?
     }
@@ -320,8 +348,10 @@ impl Pool {
         size: ByteSize,
         thin: bool,
         meta: ReplicaMeta,
+        mut caller: Caller,
     ) -> Result<ReplicaInfo, PoolError> {
         let admin = self.admin().await?;
+        caller.still_waiting()?;
         let cs = self.inner.cluster_size();
         let size = size.bytes();
         let clusters = clusters_for(size, cs);
@@ -343,12 +373,15 @@ impl Pool {
                     self.check_room(&m, 0)?;
                     let free = ByteSize::b(m.free_clusters() * cs);
                     let needed = ByteSize::b(clusters * cs);
-                    Plan::Go(m.reserve_many(clusters).ok_or(PoolError::NoSpace { needed, free })?)
+                    let extents =
+                        m.reserve_many(clusters).ok_or(PoolError::NoSpace { needed, free })?;
+                    m.creating.insert(id);
+                    Plan::Go(extents)
                 }
             }
         };
         let reserved = match plan {
-            Plan::Go(x) => Reserved { inner: &self.inner, extents: x },
+            Plan::Go(x) => Reserved { inner: &self.inner, extents: x, creating: Some(id) },
             Plan::Exists(info) => {
                 drop(admin);
                 // The creation may not be durable yet if its own commit is still running.
@@ -391,15 +424,20 @@ impl Pool {
         id: ReplicaId,
         size: ByteSize,
     ) -> Result<ReplicaInfo, PoolError> {
-        self.detached(move |pool| async move { pool.resize_replica_here(id, size).await }).await
+        self.detached(move |pool, caller| async move {
+            pool.resize_replica_here(id, size, caller).await
+        })
+        .await
     }
 
     async fn resize_replica_here(
         &self,
         id: ReplicaId,
         size: ByteSize,
+        mut caller: Caller,
     ) -> Result<ReplicaInfo, PoolError> {
         let admin = self.admin().await?;
+        caller.still_waiting()?;
         let cs = self.inner.cluster_size();
         let new = size.bytes();
         let plan = {
@@ -429,7 +467,7 @@ impl Pool {
             }
         };
         let reserved = match plan {
-            Plan::Go(x) => Reserved { inner: &self.inner, extents: x },
+            Plan::Go(x) => Reserved { inner: &self.inner, extents: x, creating: None },
             Plan::Exists(info) => {
                 drop(admin);
                 self.inner.flush(false).await?;

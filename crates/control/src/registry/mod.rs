@@ -97,7 +97,6 @@ pub struct State {
     pub pools: BTreeMap<PoolId, PoolEntry>,
     pub volumes: BTreeMap<VolumeId, VolumeRecord>,
     pub observed: HashMap<NodeId, Observation>,
-    /// Volumes this store deleted.
     /// Volumes this store deleted, and when (ms since the epoch).
     pub tombstones: HashMap<VolumeId, u64>,
     /// Bumped whenever an engine call's result is written into a node's observation, so that

@@ -95,10 +95,10 @@ fn abandon<F: std::future::Future>(fut: F) {
     assert!(fut.as_mut().poll(&mut cx).is_pending(), "finished in one poll: nothing abandoned");
 }
 
-/// A thick create or grow whose caller goes away while its clusters are being zeroed still
+/// A thick create or grow whose caller goes away once its clusters are being zeroed still
 /// finishes: giving the clusters back at once would let the zeroing already handed to the
 /// kernel land on whichever replica got them next. A retry finds the finished work.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_abandoned_thick_create_or_resize_still_finishes() {
     let dir = tempfile::tempdir().unwrap();
     let opts = CreateOptions {
@@ -109,7 +109,14 @@ async fn an_abandoned_thick_create_or_resize_still_finishes() {
     let pool = Pool::create(&dir.path().join("p.img"), opts).await.unwrap();
     let free = pool.info().free.bytes();
     let id = ReplicaId::new_random();
-    abandon(pool.create_replica(id, ByteSize::mib(16), false, ReplicaMeta::default()));
+
+    // The caller goes away as soon as the clusters are reserved (zeroing comes next).
+    let caller = tokio::spawn({
+        let pool = Arc::clone(&pool);
+        async move { pool.create_replica(id, ByteSize::mib(16), false, ReplicaMeta::default()).await }
+    });
+    wait_until(|| pool.info().free.bytes() < free).await;
+    caller.abort();
     wait_until(|| pool.open_replica(id).is_ok()).await;
     assert_eq!(pool.info().free.bytes(), free - ByteSize::mib(16).bytes());
     let again =
@@ -117,10 +124,40 @@ async fn an_abandoned_thick_create_or_resize_still_finishes() {
     assert_eq!(again.size, ByteSize::mib(16));
     assert_eq!(pool.info().free.bytes(), free - ByteSize::mib(16).bytes());
 
-    abandon(pool.resize_replica(id, ByteSize::mib(32)));
+    let grown = free - ByteSize::mib(16).bytes();
+    let caller = tokio::spawn({
+        let pool = Arc::clone(&pool);
+        async move { pool.resize_replica(id, ByteSize::mib(32)).await }
+    });
+    wait_until(|| pool.info().free.bytes() < grown).await;
+    caller.abort();
     wait_until(|| pool.replica_info(id).is_ok_and(|r| r.size == ByteSize::mib(32))).await;
     pool.resize_replica(id, ByteSize::mib(32)).await.unwrap();
     assert_eq!(pool.info().free.bytes(), free - ByteSize::mib(32).bytes());
+    pool.close().await.unwrap();
+}
+
+/// A create whose caller went away while it queued behind another structural operation (an
+/// RPC deadline passing behind a long zeroing) is not started: nobody would learn of it, and
+/// the caller's undo has already been told the replica does not exist.
+#[tokio::test]
+async fn a_create_abandoned_while_queued_is_not_started() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = CreateOptions {
+        name: "p".into(),
+        cluster_size: ByteSize::mib(1),
+        size: Some(ByteSize::mib(64)),
+    };
+    let pool = Pool::create(&dir.path().join("p.img"), opts).await.unwrap();
+    let free = pool.info().free;
+    let id = ReplicaId::new_random();
+    let busy = pool.inner().admin.lock().await;
+    abandon(pool.create_replica(id, ByteSize::mib(16), false, ReplicaMeta::default()));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    drop(busy);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(pool.open_replica(id).is_err(), "an abandoned create ran");
+    assert_eq!(pool.info().free, free);
     pool.close().await.unwrap();
 }
 

@@ -71,6 +71,9 @@ const CLEAN_RECORD_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long `close` waits for the nexus's tasks to notice they were cancelled.
 const TASK_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a closing nexus waits for writes already admitted; within the engine's own bound
+/// on a close at shutdown.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Why a nexus cannot be built or changed as asked.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -502,6 +505,16 @@ impl Nexus {
         if self.closed.swap(true, Ordering::AcqRel) {
             return flushed;
         }
+        // Writes admitted before the close may still be on their way to the children (the NBD
+        // server carries out a departed client's requests without it). A clean record made
+        // before they end could claim identical replicas that one of them then makes differ.
+        // Writes waiting for a record see the close and end (unacknowledged) at once.
+        self.wake_waiters();
+        let drained =
+            tokio::time::timeout(DRAIN_TIMEOUT, self.drained_before(u64::MAX)).await.is_ok();
+        if !drained {
+            tracing::warn!(volume = %self.volume, "writes still in flight at close; not recorded as a clean shutdown");
+        }
         self.cancel.cancel();
         self.tasks.close();
         self.wake_waiters();
@@ -509,7 +522,7 @@ impl Nexus {
             tracing::warn!(volume = %self.volume, "nexus tasks did not stop in time");
         }
         let mut result = flushed;
-        if self.started.load(Ordering::Acquire) && !self.is_stopped() {
+        if drained && self.started.load(Ordering::Acquire) && !self.is_stopped() {
             // Bounded well below the recorder's own retries: the flag only spares a later
             // nexus some work, and an engine stopping while control is away must still close
             // its pools (their final checkpoint) within its supervisor's grace period.

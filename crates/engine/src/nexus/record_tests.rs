@@ -314,6 +314,37 @@ async fn close_records_a_clean_shutdown() {
     assert_eq!(recorder.records.lock().len(), count);
 }
 
+/// A write admitted before the close (a departed client's, carried out by the NBD server)
+/// ends before the clean shutdown is recorded: recorded earlier, the record would claim both
+/// replicas online and the log clear while the write was about to fail on one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_records_a_clean_shutdown_only_after_writes_in_flight() {
+    let recorder = Arc::new(TestRecorder::default());
+    let m = mems(2);
+    let n = nexus(&m, &recorder).await;
+    m[1].write_delay_us.store(300_000, Ordering::SeqCst);
+    let write = tokio::spawn({
+        let n = Arc::clone(&n);
+        async move { n.write(0, pattern(4096, 7), false).await }
+    });
+    eventually("the write on the fast child", || m[0].writes.load(Ordering::SeqCst) > 0).await;
+    let close = tokio::spawn({
+        let n = Arc::clone(&n);
+        async move { n.close().await }
+    });
+    // The close's own flush has succeeded on both by now; the slow write has not ended.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    m[1].fail.store(true, Ordering::SeqCst);
+    close.await.unwrap().unwrap();
+    // Unacknowledged either way: the nexus closed under it.
+    let _ = write.await.unwrap();
+    let records = recorder.records.lock().clone();
+    let clean = records.iter().find(|r| r.clean_shutdown).expect("a clean shutdown record");
+    assert!(!clean.clear_dirty, "{clean:?}");
+    let b = clean.children.iter().find(|c| c.replica == m[1].replica_id()).unwrap();
+    assert_ne!(b.state, ChildState::Online, "{clean:?}");
+}
+
 #[tokio::test]
 async fn the_log_is_cleared_once_every_child_is_online_again() {
     let recorder = Arc::new(TestRecorder::default());

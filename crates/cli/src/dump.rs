@@ -201,12 +201,11 @@ async fn engine_metrics(bundle: &mut Bundle, layout: &Layout) -> Result<(), std:
     };
     for node in &state.nodes {
         let fetch = async {
-            let client = Client::new(&node.metrics.to_string(), None).map_err(|e| e.to_string())?;
+            let addr = node.metrics.ok_or("up.json names no metrics address (an older up)")?;
+            let client = Client::new(&addr.to_string(), None).map_err(|e| e.to_string())?;
             match tokio::time::timeout(METRICS_TIMEOUT, client.get_text("/metrics")).await {
                 Ok(text) => text.map(String::into_bytes).map_err(|e| e.to_string()),
-                Err(_) => {
-                    Err(format!("no answer from {} within {METRICS_TIMEOUT:?}", node.metrics))
-                }
+                Err(_) => Err(format!("no answer from {addr} within {METRICS_TIMEOUT:?}")),
             }
         };
         bundle.add_or_note(&format!("local/{}/metrics.txt", node.name), fetch.await)?;

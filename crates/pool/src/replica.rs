@@ -231,9 +231,10 @@ enum Allocated {
 ///
 /// Dropping it, however the request ends, lets the requests waiting on the cluster look again
 /// and returns the reserved cluster to the free pool unless it was mapped. A write runs in a
-/// task of its own, so its caller going away does not end it here; an error on any path, a
-/// panic or an aborted task does, and must not leave every later read and write of the
-/// cluster waiting forever.
+/// task of its own, so its caller going away does not end it here; an error on any path or a
+/// panic does, and must not leave every later read and write of the cluster waiting forever.
+/// (Nothing aborts write tasks: a cluster returned while its write was still in the kernel
+/// could be handed out and then overwritten by that write.)
 struct Claim<'a> {
     inner: &'a Inner,
     key: (ReplicaId, u32),

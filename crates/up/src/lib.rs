@@ -351,7 +351,7 @@ fn initial_state(layout: &Layout, ports: &Ports) -> UpState {
                 pid: None,
                 grpc: e.grpc,
                 nbd: e.nbd,
-                metrics: ports::reachable(e.metrics),
+                metrics: Some(ports::reachable(e.metrics)),
                 state_dir: layout.node_dir(e.index),
                 pool: pool_name(e.index),
                 pool_disk: layout.pool_image(e.index),

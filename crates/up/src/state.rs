@@ -49,8 +49,10 @@ pub struct NodeState {
     pub pid: Option<u32>,
     pub grpc: SocketAddr,
     pub nbd: SocketAddr,
-    /// The engine's Prometheus `/metrics` (NBD and pool disk latencies, rebuilds).
-    pub metrics: SocketAddr,
+    /// The engine's Prometheus `/metrics` (NBD and pool disk latencies, rebuilds); absent in
+    /// an `up.json` written before engines had one under `up`.
+    #[serde(default)]
+    pub metrics: Option<SocketAddr>,
     pub state_dir: PathBuf,
     /// `pool-<i>`.
     pub pool: String,
@@ -140,7 +142,7 @@ mod tests {
                 pid: None,
                 grpc: "127.0.0.1:7492".parse().unwrap(),
                 nbd: "127.0.0.1:7493".parse().unwrap(),
-                metrics: "127.0.0.1:7495".parse().unwrap(),
+                metrics: Some("127.0.0.1:7495".parse().unwrap()),
                 state_dir: "/d/node-1".into(),
                 pool: "pool-1".into(),
                 pool_disk: "/d/node-1/pool.img".into(),
@@ -160,6 +162,19 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
         assert_eq!(v["nodes"][0]["nbd"], "127.0.0.1:7493");
         assert_eq!(v["api_url"], "http://127.0.0.1:7480");
+    }
+
+    /// The CLI still finds the API through an up.json written before engines had metrics.
+    #[test]
+    fn an_older_file_without_metrics_still_reads() {
+        let mut json = serde_json::to_value(sample()).unwrap();
+        json["nodes"][0].as_object_mut().unwrap().remove("metrics");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("up.json");
+        std::fs::write(&path, serde_json::to_vec(&json).unwrap()).unwrap();
+        let read = UpState::read(&path).unwrap();
+        assert_eq!(read.nodes[0].metrics, None);
+        assert_eq!(read.api_url, sample().api_url);
     }
 
     #[test]

@@ -187,6 +187,17 @@ pub(crate) const PER_INSTANCE_ENV: [&str; 10] = [
     "TRIREME_CONTROL",
 ];
 
+/// The child's program, arguments and environment: `up`'s own, without the per-instance
+/// settings, plus the spec's.
+pub(crate) fn command(spec: &ChildSpec) -> Command {
+    let mut cmd = Command::new(&spec.binary);
+    for var in PER_INSTANCE_ENV {
+        cmd.env_remove(var);
+    }
+    cmd.args(&spec.args).envs(spec.env.iter().map(|(k, v)| (k, v)));
+    cmd
+}
+
 fn spawn(spec: &ChildSpec) -> std::io::Result<Child> {
     if let Some(dir) = spec.log.parent() {
         std::fs::create_dir_all(dir)?;
@@ -202,13 +213,8 @@ fn spawn(spec: &ChildSpec) -> std::io::Result<Child> {
     let stderr = log.try_clone()?;
     let parent = i32::try_from(std::process::id()).map_err(std::io::Error::other)?;
 
-    let mut cmd = Command::new(&spec.binary);
-    for var in PER_INSTANCE_ENV {
-        cmd.env_remove(var);
-    }
-    cmd.args(&spec.args)
-        .envs(spec.env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null())
+    let mut cmd = command(spec);
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::from(log))
         .stderr(Stdio::from(stderr))
         .process_group(0)

@@ -337,3 +337,23 @@ fn an_engine_in_a_crash_loop_is_named() {
         "{err}"
     );
 }
+
+/// A per-instance setting in `up`'s environment (one metrics port, one advertised address)
+/// would reach every child alike: it is removed, while the spec's own variables are set.
+#[test]
+fn children_do_not_inherit_per_instance_settings() {
+    let spec = ChildSpec {
+        name: "node-1".into(),
+        binary: "/bin/true".into(),
+        args: vec![],
+        env: vec![("TRIREME_LOG_FORMAT".into(), "json".into())],
+        log: "/d/logs/node-1.log".into(),
+    };
+    let cmd = supervise::command(&spec);
+    let envs: Vec<_> = cmd.as_std().get_envs().collect();
+    for var in ["TRIREME_METRICS_LISTEN", "TRIREME_GRPC_ADVERTISE", "TRIREME_DATA_DIR"] {
+        assert!(envs.contains(&(std::ffi::OsStr::new(var), None)), "{var} is inherited");
+    }
+    let format = (std::ffi::OsStr::new("TRIREME_LOG_FORMAT"), Some(std::ffi::OsStr::new("json")));
+    assert!(envs.contains(&format));
+}

@@ -58,13 +58,7 @@ async fn pools_on_files_use_io_uring_with_o_direct() {
 /// and read of a replica, the flush, and their latencies (one histogram entry per operation).
 #[tokio::test]
 async fn the_pool_counts_its_disk_operations() {
-    let dir = tempfile::tempdir().unwrap();
-    let opts = CreateOptions {
-        name: "p".into(),
-        cluster_size: ByteSize::mib(1),
-        size: Some(ByteSize::mib(64)),
-    };
-    let pool = Pool::create(&dir.path().join("p.img"), opts).await.unwrap();
+    let (_dir, pool) = file_pool().await;
     let id = ReplicaId::new_random();
     pool.create_replica(id, ByteSize::mib(8), true, ReplicaMeta::default()).await.unwrap();
     let r = pool.open_replica(id).unwrap();
@@ -100,13 +94,7 @@ fn abandon<F: std::future::Future>(fut: F) {
 /// kernel land on whichever replica got them next. A retry finds the finished work.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_abandoned_thick_create_or_resize_still_finishes() {
-    let dir = tempfile::tempdir().unwrap();
-    let opts = CreateOptions {
-        name: "p".into(),
-        cluster_size: ByteSize::mib(1),
-        size: Some(ByteSize::mib(64)),
-    };
-    let pool = Pool::create(&dir.path().join("p.img"), opts).await.unwrap();
+    let (_dir, pool) = file_pool().await;
     let free = pool.info().free.bytes();
     let id = ReplicaId::new_random();
 
@@ -142,13 +130,7 @@ async fn an_abandoned_thick_create_or_resize_still_finishes() {
 /// the caller's undo has already been told the replica does not exist.
 #[tokio::test]
 async fn a_create_abandoned_while_queued_is_not_started() {
-    let dir = tempfile::tempdir().unwrap();
-    let opts = CreateOptions {
-        name: "p".into(),
-        cluster_size: ByteSize::mib(1),
-        size: Some(ByteSize::mib(64)),
-    };
-    let pool = Pool::create(&dir.path().join("p.img"), opts).await.unwrap();
+    let (_dir, pool) = file_pool().await;
     let free = pool.info().free;
     let id = ReplicaId::new_random();
     let busy = pool.inner().admin.lock().await;
@@ -169,4 +151,16 @@ async fn wait_until(mut done: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     panic!("the abandoned operation never finished");
+}
+
+/// A 64 MiB pool of 1 MiB clusters on a file (io_uring, O_DIRECT) in a fresh directory.
+async fn file_pool() -> (tempfile::TempDir, Arc<Pool>) {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = CreateOptions {
+        name: "p".into(),
+        cluster_size: ByteSize::mib(1),
+        size: Some(ByteSize::mib(64)),
+    };
+    let pool = Pool::create(&dir.path().join("p.img"), opts).await.unwrap();
+    (dir, pool)
 }

@@ -31,6 +31,9 @@ pub(crate) struct Inner {
     syncs_done: AtomicU64,
     /// Reads register here; released clusters are reused only after earlier reads end.
     pub(crate) reads: ReadFence,
+    /// Tests hold structural zeroing here, to act while it is under way.
+    #[cfg(test)]
+    pub(crate) zeroing: tokio::sync::RwLock<()>,
 }
 
 impl Inner {
@@ -54,6 +57,8 @@ impl Inner {
             syncs_started: AtomicU64::new(0),
             syncs_done: AtomicU64::new(0),
             reads: ReadFence::default(),
+            #[cfg(test)]
+            zeroing: tokio::sync::RwLock::new(()),
         }
     }
 

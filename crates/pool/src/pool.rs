@@ -293,6 +293,8 @@ impl Pool {
 
     /// Zeroes freshly reserved clusters so that no replica sees another's old data.
     async fn zero_extents(&self, extents: &[crate::meta::Extent]) -> Result<(), PoolError> {
+        #[cfg(test)]
+        let _held = self.inner.zeroing.read().await;
         let cs = self.inner.cluster_size();
         for e in extents {
             let off = self.inner.sb.layout.cluster_offset(e.p);

@@ -98,13 +98,16 @@ async fn an_abandoned_thick_create_or_resize_still_finishes() {
     let free = pool.info().free.bytes();
     let id = ReplicaId::new_random();
 
-    // The caller goes away as soon as the clusters are reserved (zeroing comes next).
+    // The caller goes away while the clusters are reserved and being zeroed.
+    let zeroing = pool.inner().zeroing.write().await;
     let caller = tokio::spawn({
         let pool = Arc::clone(&pool);
         async move { pool.create_replica(id, ByteSize::mib(16), false, ReplicaMeta::default()).await }
     });
     wait_until(|| pool.info().free.bytes() < free).await;
     caller.abort();
+    let _ = caller.await;
+    drop(zeroing);
     wait_until(|| pool.open_replica(id).is_ok()).await;
     assert_eq!(pool.info().free.bytes(), free - ByteSize::mib(16).bytes());
     let again =
@@ -113,12 +116,15 @@ async fn an_abandoned_thick_create_or_resize_still_finishes() {
     assert_eq!(pool.info().free.bytes(), free - ByteSize::mib(16).bytes());
 
     let grown = free - ByteSize::mib(16).bytes();
+    let zeroing = pool.inner().zeroing.write().await;
     let caller = tokio::spawn({
         let pool = Arc::clone(&pool);
         async move { pool.resize_replica(id, ByteSize::mib(32)).await }
     });
     wait_until(|| pool.info().free.bytes() < grown).await;
     caller.abort();
+    let _ = caller.await;
+    drop(zeroing);
     wait_until(|| pool.replica_info(id).is_ok_and(|r| r.size == ByteSize::mib(32))).await;
     pool.resize_replica(id, ByteSize::mib(32)).await.unwrap();
     assert_eq!(pool.info().free.bytes(), free - ByteSize::mib(32).bytes());
@@ -140,6 +146,28 @@ async fn a_create_abandoned_while_queued_is_not_started() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(pool.open_replica(id).is_err(), "an abandoned create ran");
     assert_eq!(pool.info().free, free);
+    pool.close().await.unwrap();
+}
+
+/// While a creation zeroes its space the replica is not listed yet, but the pool says it is
+/// being created: the engine refuses a destroy then rather than answer "already gone".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_being_created_is_known_as_such() {
+    let (_dir, pool) = file_pool().await;
+    let free = pool.info().free.bytes();
+    let id = ReplicaId::new_random();
+    assert!(!pool.is_creating(id));
+    let zeroing = pool.inner().zeroing.write().await;
+    let create = tokio::spawn({
+        let pool = Arc::clone(&pool);
+        async move { pool.create_replica(id, ByteSize::mib(16), false, ReplicaMeta::default()).await }
+    });
+    wait_until(|| pool.info().free.bytes() < free).await;
+    assert!(pool.is_creating(id));
+    assert!(pool.open_replica(id).is_err());
+    drop(zeroing);
+    create.await.unwrap().unwrap();
+    assert!(!pool.is_creating(id));
     pool.close().await.unwrap();
 }
 

@@ -15,6 +15,8 @@
 
 use std::path::{Path, PathBuf};
 
+use trireme_types::ByteSize;
+
 /// The paths of a cluster's data directory. Pure path arithmetic: nothing here touches disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Layout {
@@ -54,6 +56,11 @@ impl Layout {
     /// How many nodes an earlier run left here: node-1, node-2, … up to the first missing one.
     pub fn existing_nodes(&self) -> u16 {
         (1..=u16::MAX).take_while(|&i| self.node_dir(i).is_dir()).last().unwrap_or(0)
+    }
+
+    /// The size of the pool an earlier run made for node-1, if there is one.
+    pub fn existing_pool_size(&self) -> Option<ByteSize> {
+        std::fs::metadata(self.pool_image(1)).ok().map(|m| ByteSize::b(m.len()))
     }
 
     pub fn node_dir(&self, index: u16) -> PathBuf {

@@ -63,9 +63,10 @@ pub struct UpArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=100))]
     pub nodes: Option<u16>,
 
-    /// The size of each engine's file-backed pool (KiB, MiB, GiB, TiB).
-    #[arg(long, value_name = "SIZE", default_value = "4GiB")]
-    pub pool_size: ByteSize,
+    /// The size of each engine's file-backed pool (KiB, MiB, GiB, TiB) [default: the size of
+    /// the data directory's existing pools, else 4GiB]. An existing pool keeps its size.
+    #[arg(long, value_name = "SIZE")]
+    pub pool_size: Option<ByteSize>,
 
     /// The REST API's listen address; every other port derives from its port P (control gRPC
     /// P+1, engine i gRPC P+10+2i and NBD P+11+2i, and with N nodes, engine i metrics
@@ -94,7 +95,15 @@ impl UpArgs {
     fn node_count(&self) -> u16 {
         self.nodes.unwrap_or(DEFAULT_NODES)
     }
+
+    /// The size of new pools (the default until `run` has looked at the data directory).
+    fn pool_size(&self) -> ByteSize {
+        self.pool_size.unwrap_or(DEFAULT_POOL_SIZE)
+    }
 }
+
+/// Pool size when neither the flag nor an earlier run says otherwise.
+const DEFAULT_POOL_SIZE: ByteSize = ByteSize::gib(4);
 
 /// The data directory `up` uses without `--data-dir`: `$TRIREME_DATA_DIR`, else
 /// `$XDG_DATA_HOME/trireme`, else `$HOME/.local/share/trireme`. The CLI looks for the admin
@@ -133,6 +142,7 @@ async fn run_cluster(mut args: UpArgs, shutdown: CancellationToken) -> Result<()
         );
     }
     args.nodes = Some(nodes);
+    args.pool_size = args.pool_size.or_else(|| Layout::new(&dir).existing_pool_size());
     let dir = prepare_dir(&dir, nodes)?;
     let layout = Layout::new(&dir);
     let _lock = lock::DirLock::acquire(&layout.lock_file(), &dir)?;
@@ -216,7 +226,7 @@ async fn start(
     bootstrap::wait_for_nodes(&client, args.node_count(), layout, &observed).await?;
     tracing::info!(nodes = args.node_count(), "every node is online");
     for engine in &ports.engines {
-        bootstrap::ensure_pool(&client, engine.index, args.pool_size, layout, &observed).await?;
+        bootstrap::ensure_pool(&client, engine.index, args.pool_size(), layout, &observed).await?;
     }
     bootstrap::wait_for_pools(&client, args.node_count(), layout, &observed).await?;
     tracing::info!(pools = args.node_count(), "every pool is online");
@@ -376,7 +386,7 @@ fn banner(args: &UpArgs, layout: &Layout, api_url: &str) -> String {
          try:\n",
         args.node_count(),
         if args.node_count() == 1 { "" } else { "s" },
-        args.pool_size,
+        args.pool_size(),
         layout.admin_token().display(),
         layout.logs_dir().display(),
         layout.state_file().display(),
@@ -389,7 +399,7 @@ fn banner(args: &UpArgs, layout: &Layout, api_url: &str) -> String {
     }
     out.push_str(&format!(
         "  trireme volume create v1 --size {} && trireme volume publish v1\n",
-        hint_size(args.pool_size)
+        hint_size(args.pool_size())
     ));
     out.push_str("Ctrl-C stops the cluster; `trireme up` again resumes it.");
     out

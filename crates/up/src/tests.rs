@@ -20,7 +20,8 @@ fn defaults() {
     let a = parse(&[]).unwrap();
     assert_eq!(a.nodes, None);
     assert_eq!(a.node_count(), 3);
-    assert_eq!(a.pool_size, ByteSize::gib(4));
+    assert_eq!(a.pool_size, None);
+    assert_eq!(a.pool_size(), ByteSize::gib(4));
     assert_eq!(a.api, "127.0.0.1:7480".parse().unwrap());
     assert_eq!(a.data_dir, None);
 }
@@ -40,7 +41,7 @@ fn flags() {
     .unwrap();
     assert_eq!(a.data_dir.as_deref(), Some(Path::new("/tmp/x")));
     assert_eq!(a.nodes, Some(1));
-    assert_eq!(a.pool_size, ByteSize::mib(512));
+    assert_eq!(a.pool_size, Some(ByteSize::mib(512)));
     assert_eq!(a.api.port(), 9000);
 }
 
@@ -251,7 +252,7 @@ async fn a_crash_looping_control_fails_startup_clearly() {
     let args = UpArgs {
         data_dir: Some(tmp.path().join("data")),
         nodes: Some(1),
-        pool_size: ByteSize::mib(64),
+        pool_size: Some(ByteSize::mib(64)),
         api,
         engine_threads: None,
         binary: Some(script),
@@ -298,6 +299,10 @@ fn the_node_count_of_an_earlier_run_is_found_in_the_data_dir() {
     // A gap ends the count: node-7 alone is not a seventh node of this cluster.
     std::fs::create_dir(layout.node_dir(7)).unwrap();
     assert_eq!(layout.existing_nodes(), 5);
+
+    assert_eq!(layout.existing_pool_size(), None);
+    std::fs::write(layout.pool_image(1), vec![0; 8192]).unwrap();
+    assert_eq!(layout.existing_pool_size(), Some(ByteSize::b(8192)));
 
     assert_eq!(nodes_to_run(None, 5), 5);
     assert_eq!(nodes_to_run(None, 0), 3);

@@ -141,9 +141,12 @@ async fn a_create_abandoned_while_queued_is_not_started() {
     let id = ReplicaId::new_random();
     let busy = pool.inner().admin.lock().await;
     abandon(pool.create_replica(id, ByteSize::mib(16), false, ReplicaMeta::default()));
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // This runtime has one thread: the yield lets the abandoned task queue on the lock.
+    tokio::task::yield_now().await;
     drop(busy);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The lock is fair: a later operation finishes only after the abandoned one had its turn.
+    let after = ReplicaId::new_random();
+    pool.create_replica(after, ByteSize::mib(1), true, ReplicaMeta::default()).await.unwrap();
     assert!(pool.open_replica(id).is_err(), "an abandoned create ran");
     assert_eq!(pool.info().free, free);
     pool.close().await.unwrap();
